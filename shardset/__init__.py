@@ -1,0 +1,21 @@
+"""shardset: out-of-core sharded datasets for PyTorch.
+
+Write a dataset once into a Zarr store in large blocks, reorder the blocks every
+epoch with a keyed Feistel permutation, and stream them back as torch batches.
+"""
+
+from .errors import CorruptBlockError, IncompleteStoreError, ShardsetError, StoreFormatError
+from .format import FieldSpec, Layout
+from .permutation import FeistelPermutation
+from .store import BlockStore
+
+__all__ = [
+    "BlockStore",
+    "CorruptBlockError",
+    "FeistelPermutation",
+    "FieldSpec",
+    "IncompleteStoreError",
+    "Layout",
+    "ShardsetError",
+    "StoreFormatError",
+]

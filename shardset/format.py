@@ -1,0 +1,179 @@
+"""The on-disk format: block geometry and the metadata kept in the group's attributes.
+
+A shardset store is a Zarr v3 group.  Every *field* is an array whose leading
+dimension is the row count N, chunked along rows only, and all fields share
+``block_rows``, so block ``i`` is rows ``[i * block_rows, min((i+1) * block_rows, N))``
+of every field.  ``docs/format.md`` is the full specification; this module is
+its single implementation.
+
+Example:
+    >>> from shardset.format import Layout, FieldSpec
+    >>> lay = Layout(rows=10, block_rows=4, fields={"X": FieldSpec("float32", (3,))})
+    >>> lay.num_blocks, lay.block_range(2)
+    (3, (8, 10))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .errors import StoreFormatError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ATTRS_KEY",
+    "DEFAULT_BLOCK_MB",
+    "FieldSpec",
+    "Layout",
+    "block_rows_for",
+    "ranges_to_blocks",
+    "blocks_to_ranges",
+]
+
+FORMAT_NAME = "shardset"
+FORMAT_VERSION = 1
+ATTRS_KEY = "shardset"
+DEFAULT_BLOCK_MB = 128
+MIN_BLOCK_MB, MAX_BLOCK_MB = 64, 256
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """dtype and per-row shape of one field (the array is ``(N, *shape)``)."""
+
+    dtype: str
+    shape: tuple[int, ...] = ()
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.dtype(self.dtype).itemsize * int(np.prod(self.shape, dtype=np.int64)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "FieldSpec":
+        return cls(str(d["dtype"]), tuple(int(s) for s in d["shape"]))
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "FieldSpec":
+        """The spec of a batch or whole array whose first axis is rows."""
+        return cls(np.dtype(array.dtype).name, tuple(int(s) for s in array.shape[1:]))
+
+
+def block_rows_for(fields: Mapping[str, FieldSpec], block_mb: float = DEFAULT_BLOCK_MB) -> int:
+    """Rows per block so that one block of all fields together is about ``block_mb`` MiB.
+
+    >>> block_rows_for({"X": FieldSpec("float32", (16,)), "y": FieldSpec("float32", (1,))}, 68)
+    1048576
+    """
+    if not MIN_BLOCK_MB <= block_mb <= MAX_BLOCK_MB:
+        raise ValueError(f"block_mb must be between {MIN_BLOCK_MB} and {MAX_BLOCK_MB}, got {block_mb}")
+    row_bytes = sum(f.row_bytes for f in fields.values())
+    if row_bytes <= 0:
+        raise ValueError("fields must have at least one byte per row")
+    return max(1, int(block_mb * MIB) // row_bytes)
+
+
+@dataclass
+class Layout:
+    """Block geometry and field specs of a store, plus free-form generator metadata."""
+
+    rows: int
+    block_rows: int
+    fields: dict[str, FieldSpec]
+    generator: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rows < 0:
+            raise ValueError(f"rows must be >= 0, got {self.rows}")
+        if self.block_rows < 1:
+            raise ValueError(f"block_rows must be a positive integer, got {self.block_rows}")
+        if not self.fields:
+            raise ValueError("a store needs at least one field")
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.rows // self.block_rows)
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(f.row_bytes for f in self.fields.values())
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of ``block``."""
+        if not 0 <= block < self.num_blocks:
+            raise IndexError(f"block {block} out of range [0, {self.num_blocks})")
+        start = block * self.block_rows
+        return start, min(start + self.block_rows, self.rows)
+
+    def block_len(self, block: int) -> int:
+        start, stop = self.block_range(block)
+        return stop - start
+
+    def same_shape(self, other: "Layout") -> bool:
+        return (self.rows, self.block_rows, self.fields) == (other.rows, other.block_rows, other.fields)
+
+    def to_attrs(self, complete_blocks: Iterable[int] = ()) -> dict[str, Any]:
+        done = sorted(set(complete_blocks))
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "rows": self.rows,
+            "block_rows": self.block_rows,
+            "num_blocks": self.num_blocks,
+            "fields": {k: v.to_json() for k, v in self.fields.items()},
+            "generator": self.generator,
+            "complete_blocks": blocks_to_ranges(done),
+            "complete": len(done) == self.num_blocks,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any], where: str = "store") -> "Layout":
+        meta = attrs.get(ATTRS_KEY)
+        if not isinstance(meta, Mapping) or meta.get("format") != FORMAT_NAME:
+            raise StoreFormatError(f"{where} is not a shardset store (no '{ATTRS_KEY}' attributes)")
+        if meta.get("version") != FORMAT_VERSION:
+            raise StoreFormatError(
+                f"{where} has shardset format version {meta.get('version')}; this shardset reads {FORMAT_VERSION}"
+            )
+        try:
+            lay = cls(
+                rows=int(meta["rows"]),
+                block_rows=int(meta["block_rows"]),
+                fields={k: FieldSpec.from_json(v) for k, v in meta["fields"].items()},
+                generator=dict(meta.get("generator") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreFormatError(f"{where} has malformed shardset attributes: {exc}") from None
+        if int(meta.get("num_blocks", lay.num_blocks)) != lay.num_blocks:
+            raise StoreFormatError(f"{where}: num_blocks does not match rows and block_rows")
+        return lay
+
+
+def blocks_to_ranges(blocks: Iterable[int]) -> list[list[int]]:
+    """Compress sorted block ids into ``[start, stop)`` runs: ``[0,1,2,5] -> [[0,3],[5,6]]``."""
+    runs: list[list[int]] = []
+    for b in sorted(set(blocks)):
+        if runs and runs[-1][1] == b:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1])
+    return runs
+
+
+def ranges_to_blocks(runs: Iterable[Iterable[int]]) -> set[int]:
+    """Inverse of :func:`blocks_to_ranges`."""
+    out: set[int] = set()
+    for start, stop in runs:
+        out.update(range(int(start), int(stop)))
+    return out
