@@ -39,20 +39,26 @@ from zarr.storage import LocalStore
 from .errors import CorruptBlockError, IncompleteStoreError, StoreFormatError
 from .format import ATTRS_KEY, FieldSpec, Layout, ranges_to_blocks
 
-__all__ = ["BlockStore", "COMPRESSIONS"]
+__all__ = ["BlockStore", "COMPRESSIONS", "compressors_for"]
 
 COMPRESSIONS = ("lz4", "zstd")
 CRC_BYTES = 4
 
 
-def _compressor(name: str):
-    if name == "zstd":
-        return zarr.codecs.ZstdCodec(level=1)
-    if name == "lz4":
+def compressors_for(compression: str | None, checksum: bool) -> list[Any]:
+    """The bytes-to-bytes codecs after the little-endian serializer."""
+    codecs: list[Any] = []
+    if compression == "zstd":
+        codecs.append(zarr.codecs.ZstdCodec(level=1))
+    elif compression == "lz4":
         from zarr.codecs.numcodecs import LZ4
 
-        return LZ4()
-    raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)} or none")
+        codecs.append(LZ4())
+    elif compression is not None:
+        raise ValueError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)} or none")
+    if checksum:
+        codecs.append(Crc32cCodec())
+    return codecs
 
 
 def _fill_value(dtype: np.dtype):
@@ -112,6 +118,7 @@ class BlockStore:
     ) -> "BlockStore":
         """Create an empty store (no block complete yet) for ``layout``."""
         where = str(path)
+        compressors = compressors_for(compression, checksum)
         if overwrite and os.path.isdir(path):
             shutil.rmtree(path)
         try:
@@ -120,9 +127,6 @@ class BlockStore:
             raise StoreFormatError(f"{where} already exists; pass overwrite=True (--overwrite) to replace it") from None
         except OSError as exc:
             raise StoreFormatError(f"cannot create a store at {where}: {exc.strerror or exc}") from None
-        compressors: list[Any] = [] if compression is None else [_compressor(compression)]
-        if checksum:
-            compressors.append(Crc32cCodec())
         for name, spec in layout.fields.items():
             dtype = np.dtype(spec.dtype)
             group.create_array(

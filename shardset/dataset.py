@@ -1,0 +1,276 @@
+"""``ShardedDataset``: stream a store as shuffled torch batches, block by block.
+
+Each epoch visits the blocks in a fresh Feistel order, reads every block whole
+(one sequential read per field, on a background thread that stays ``prefetch``
+blocks ahead), permutes its rows in RAM and yields ready batches.  Rows are
+split exactly once across distributed ranks and DataLoader workers, every rank
+gets the same number of batches, and ``state_dict()`` resumes mid-epoch.
+
+Epochs advance by themselves: once every consumer of a rank (the main process,
+or each DataLoader worker) has yielded its last batch, the next pass uses the
+next epoch.  The counter lives in shared memory, so persistent workers see it
+too.  ``set_epoch(e)`` pins the epoch, as with ``DistributedSampler``.
+
+Example:
+    >>> import tempfile, os, torch
+    >>> from shardset import generate_regression, ShardedDataset
+    >>> path = os.path.join(tempfile.mkdtemp(), "reg.zarr")
+    >>> _ = generate_regression(path, rows=1000, features=3, block_rows=256, workers=1)
+    >>> ds = ShardedDataset(path, batch_size=100, seed=1)
+    >>> loader = torch.utils.data.DataLoader(ds, batch_size=None)
+    >>> X, y = next(iter(loader))
+    >>> tuple(X.shape), tuple(y.shape), len(ds)
+    ((100, 3), (100, 1), 10)
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import threading
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .plan import EpochPlan, Segment
+from .store import BlockStore
+
+__all__ = ["ShardedDataset"]
+
+Batch = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+
+
+class ShardedDataset(IterableDataset):
+    """An ``IterableDataset`` of ready batches from a shardset store.
+
+    Args:
+        path: the store (a local directory).
+        batch_size: rows per batch; use ``DataLoader(ds, batch_size=None)``.
+        shuffle: visit blocks in a per-epoch Feistel order and permute rows in
+            each block; ``False`` reads the store in order.
+        seed: the shuffle seed (with the epoch it determines the whole order).
+        drop_last: drop each rank's final partial batch.
+        rank, world_size: default to ``torch.distributed`` when initialized, else 0 and 1.
+        prefetch: blocks read ahead on a background thread (memory is about
+            ``1 + prefetch`` blocks per consumer).
+        fields: the fields to read, in output order (default: all). Batches are
+            ``(X, y)`` tuples when the fields are exactly X and y, else dicts.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        prefetch: int = 1,
+        fields: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+        self.path = os.fspath(path)
+        store = BlockStore.open(self.path)
+        store.require_complete()
+        self.layout = store.layout
+        self.fields = list(self.layout.fields) if fields is None else list(fields)
+        unknown = [f for f in self.fields if f not in self.layout.fields]
+        if unknown or not self.fields:
+            raise ValueError(f"unknown fields {unknown}; the store has {list(self.layout.fields)}")
+        self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), int(seed)
+        self.drop_last, self.prefetch = bool(drop_last), prefetch
+        self.rank, self.world_size = _resolve_rank(rank, world_size)
+        if self.layout.rows < self.world_size:
+            raise ValueError(f"{self.layout.rows} rows cannot be split across {self.world_size} ranks")
+        self.as_tuple = sorted(self.fields) == ["X", "y"]
+        # [epoch, consumers finished with it]; shared so DataLoader workers (persistent
+        # or not) and the main process agree on the epoch.
+        self._shared = mp.RawArray("q", 2)
+        self._lock = mp.get_context("spawn").Lock()
+        self._store: BlockStore | None = store
+        self._store_pid = os.getpid()
+        self._position: tuple[int, int] | None = None  # (epoch, batches handed out) of this consumer
+        self._resume_at = 0  # batches to skip at the start of the next pass
+
+    # -- epochs and checkpoints ------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return int(self._shared[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for the next pass (as ``DistributedSampler.set_epoch``)."""
+        with self._lock:
+            self._shared[0], self._shared[1] = int(epoch), 0
+        self._position, self._resume_at = None, 0
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """This rank's :class:`EpochPlan` for ``epoch`` (default: the current one)."""
+        return EpochPlan(
+            rows=self.layout.rows, block_rows=self.layout.block_rows, batch_size=self.batch_size,
+            seed=self.seed, epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
+            drop_last=self.drop_last, rank=self.rank, world_size=self.world_size,
+        )
+
+    def __len__(self) -> int:
+        return self.plan().num_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this consumer is: ``(seed, epoch, batches consumed)``, O(1) in size."""
+        epoch, batches = self._position if self._position is not None else (self.epoch, self._resume_at)
+        return {"seed": self.seed, "epoch": epoch, "batches": batches, "world_size": self.world_size}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state``: the next pass yields exactly the remaining batches."""
+        if int(state["seed"]) != self.seed or int(state.get("world_size", self.world_size)) != self.world_size:
+            raise ValueError(
+                f"state is for seed={state['seed']}, world_size={state.get('world_size')}; "
+                f"this dataset has seed={self.seed}, world_size={self.world_size}"
+            )
+        self.set_epoch(int(state["epoch"]))
+        self._resume_at = int(state["batches"])
+
+    # -- iteration ------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            _quiet_worker()
+        plan = self.plan()
+        first, last = plan.worker_batches(worker, num_workers)
+        skip, self._resume_at = self._resume_at, 0
+        self._position = (plan.epoch, skip)
+        first = min(first + skip, last)
+        return self._batches(plan, first, last, num_workers)
+
+    def _batches(self, plan: EpochPlan, first: int, last: int, num_workers: int) -> Iterator[Batch]:
+        reader = _BlockReader(self._open(), plan, self.fields, plan.segments(first, last), self.prefetch)
+        try:
+            yield from self._assemble(reader)
+        finally:
+            reader.close()
+        self._finish_epoch(plan.epoch, num_workers)
+
+    def _assemble(self, reader: "_BlockReader") -> Iterator[Batch]:
+        """Cut the stream of permuted block pieces into batches, one gather per field."""
+        bs = self.batch_size
+        carry: list[list[torch.Tensor]] = []  # pieces of a batch that spans blocks
+        have = 0
+        for blocks, order, release in reader:
+            pos, n = 0, len(order)
+            while pos < n:
+                take = min(bs - have, n - pos)
+                idx = order[pos : pos + take]
+                piece = [torch.index_select(blocks[f], 0, idx) for f in self.fields]
+                pos += take
+                if have == 0 and take == bs:
+                    yield self._emit(piece)
+                    continue
+                carry.append(piece)
+                have += take
+                if have == bs:
+                    yield self._emit([torch.cat(parts) for parts in zip(*carry)])
+                    carry, have = [], 0
+            release()
+        if have:
+            yield self._emit([torch.cat(parts) for parts in zip(*carry)])
+
+    def _emit(self, tensors: list[torch.Tensor]) -> Batch:
+        epoch, done = self._position
+        self._position = (epoch, done + 1)
+        return tuple(tensors) if self.as_tuple else dict(zip(self.fields, tensors))
+
+    def _finish_epoch(self, epoch: int, num_workers: int) -> None:
+        self._position = (epoch + 1, 0)
+        with self._lock:
+            if self._shared[0] != epoch:  # set_epoch was called meanwhile
+                return
+            self._shared[1] += 1
+            if self._shared[1] >= num_workers:
+                self._shared[0], self._shared[1] = epoch + 1, 0
+
+    def _open(self) -> BlockStore:
+        # One store handle per process: never reuse a handle across fork or spawn.
+        if self._store is None or self._store_pid != os.getpid():
+            self._store, self._store_pid = BlockStore.open(self.path), os.getpid()
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store"] = None
+        return state
+
+
+class _BlockReader:
+    """Background thread: read each segment's block, verify it, compute its row order.
+
+    Iterating yields ``(tensors by field, row order, release)``; call ``release()``
+    when done with the tensors so the buffer is reused. At most ``1 + prefetch``
+    buffers exist.
+    """
+
+    def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], segments, prefetch: int) -> None:
+        self.store, self.plan, self.fields = store, plan, fields
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(1 + prefetch):
+            self.free.put({f: store.new_buffer(f) for f in fields})
+        self.ready: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(iter(segments),), daemon=True, name="shardset-read")
+        self.thread.start()
+
+    def _run(self, segments: Iterator[Segment]) -> None:
+        try:
+            for seg in segments:
+                bufs = self.free.get()
+                if self.stop.is_set():
+                    return
+                blocks = {f: torch.from_numpy(self.store.read_block(f, seg.block, bufs[f])) for f in self.fields}
+                order = torch.from_numpy(self.plan.record_order(seg.block, seg.start, seg.stop))
+                self.ready.put((blocks, order, bufs))
+            self.ready.put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self.ready.put(exc)
+
+    def __iter__(self):
+        while True:
+            item = self.ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            blocks, order, bufs = item
+            yield blocks, order, lambda b=bufs: self.free.put(b)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.free.put(None)  # wakes a reader waiting for a buffer
+        self.thread.join()
+
+
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return int(rank), int(world_size)
+
+
+def _quiet_worker() -> None:
+    """Inside a DataLoader worker: keep zarr's thread pool small on few cores."""
+    import zarr
+
+    zarr.config.set({"threading.max_workers": 1})

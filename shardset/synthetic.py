@@ -1,0 +1,228 @@
+"""Synthetic linear-regression data: X ~ N(0, I), y = X w + b + noise * N(0, 1).
+
+Block ``i`` of a store is a pure function of ``(seed, i)``: its generator is a
+torch ``Generator`` (mt19937) seeded from ``numpy.random.SeedSequence(seed,
+spawn_key=(1, i))``, so any process can make any block in any order and the
+bytes never depend on the number of workers.  The default weights come from
+``spawn_key=(0,)``.  The same code also backs two small in-memory streams for
+the seed lesson's exercises: fresh data on every pass, or the same data on
+every pass.
+
+Example:
+    >>> import tempfile, os
+    >>> from shardset import generate_regression, BlockStore
+    >>> path = os.path.join(tempfile.mkdtemp(), "reg.zarr")
+    >>> store = generate_regression(path, rows=1000, features=2, block_rows=300, workers=1)
+    >>> store.layout.num_blocks, store.missing_blocks()
+    (4, [])
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .format import DEFAULT_BLOCK_MB, FieldSpec
+from .store import BlockStore
+from .writer import layout_for, open_for_writing, write_blocks
+
+__all__ = [
+    "GENERATOR_NAME",
+    "RegressionBlocks",
+    "generate_regression",
+    "default_weights",
+    "true_parameters",
+    "FreshRegressionStream",
+    "FixedRegressionStream",
+]
+
+GENERATOR_NAME = "shardset.regression/1"
+ALGORITHM = "torch mt19937 normal_ seeded by numpy SeedSequence(seed, spawn_key=(1, block)); w from spawn_key=(0,)"
+_W_KEY = (0,)
+_BLOCK_KEY = 1
+
+
+def _torch_generator(seed: int, *spawn_key: int) -> torch.Generator:
+    state = np.random.SeedSequence(seed, spawn_key=spawn_key).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def default_weights(features: int, seed: int = 0) -> np.ndarray:
+    """The true ``w`` used when none is given: N(0, 1) draws from the seed."""
+    w = torch.empty(features, dtype=torch.float32)
+    w.normal_(generator=_torch_generator(seed, *_W_KEY))
+    return w.numpy()
+
+
+@contextmanager
+def _one_thread():
+    # The same arithmetic in every process: BLAS results may depend on the thread count.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fill_regression(gen: torch.Generator, X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, bias: float, noise: float):
+    """X ~ N(0, 1) and y = X w + bias + noise * N(0, 1), written in place."""
+    X.normal_(generator=gen)
+    y.normal_(generator=gen)
+    y.mul_(noise).add_(bias)
+    y.addmm_(X, w.view(-1, 1))
+
+
+@dataclass(frozen=True)
+class RegressionBlocks:
+    """Picklable ``block -> {"X", "y"}`` for :func:`shardset.write_blocks`."""
+
+    rows: int
+    block_rows: int
+    weights: np.ndarray
+    bias: float
+    noise: float
+    seed: int
+
+    def __call__(self, block: int) -> dict[str, np.ndarray]:
+        start = block * self.block_rows
+        n = min(self.block_rows, self.rows - start)
+        d = len(self.weights)
+        X = torch.empty(n, d, dtype=torch.float32)
+        y = torch.empty(n, 1, dtype=torch.float32)
+        with _one_thread():
+            _fill_regression(_torch_generator(self.seed, _BLOCK_KEY, block), X, y, torch.from_numpy(self.weights), self.bias, self.noise)
+        return {"X": X.numpy(), "y": y.numpy()}
+
+
+def generate_regression(
+    path: str | os.PathLike,
+    rows: int,
+    features: int,
+    *,
+    weights: Sequence[float] | np.ndarray | None = None,
+    bias: float = 4.2,
+    noise: float = 0.01,
+    seed: int = 0,
+    block_mb: float = DEFAULT_BLOCK_MB,
+    block_rows: int | None = None,
+    workers: int | None = None,
+    compression: str | None = None,
+    checksum: bool = True,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> BlockStore:
+    """Generate ``rows`` rows of synthetic regression data into a store at ``path``.
+
+    Fields ``X`` (rows, features) and ``y`` (rows, 1), float32; the true ``w`` is
+    stored as the array ``params/w`` and ``seed``, ``bias``, ``noise`` in the
+    attributes.  Parallel over ``workers`` processes (default: all cores),
+    resumable by rerunning, and the same bytes whatever ``workers`` is.
+    """
+    if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
+        raise ValueError(f"features must be a positive integer, got {features!r}")
+    if not np.isfinite(bias) or not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"bias must be finite and noise a finite value >= 0, got bias={bias}, noise={noise}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    w = default_weights(int(features), int(seed)) if weights is None else np.asarray(weights, dtype=np.float32).reshape(-1)
+    if w.shape != (features,):
+        raise ValueError(f"weights must have {features} entries, got {w.size}")
+    fields = {"X": FieldSpec("float32", (int(features),)), "y": FieldSpec("float32", (1,))}
+    generator = {
+        "name": GENERATOR_NAME,
+        "algorithm": ALGORITHM,
+        "seed": int(seed),
+        "bias": float(bias),
+        "noise": float(noise),
+        "weights": "params/w",
+        "weights_crc32c": _crc(w),
+        "torch": torch.__version__.split("+")[0],
+        "numpy": np.__version__,
+    }
+    layout = layout_for(rows, fields, block_mb=block_mb, block_rows=block_rows, generator=generator)
+    make = RegressionBlocks(layout.rows, layout.block_rows, w, float(bias), float(noise), int(seed))
+    store = open_for_writing(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
+    if "params" not in store.group:
+        store.group.create_array("params/w", data=w, chunks=(min(len(w), 1 << 22),))
+    return write_blocks(path, layout, make, workers=workers, compression=compression, checksum=checksum, progress=progress)
+
+
+def true_parameters(store: BlockStore) -> tuple[np.ndarray, float] | None:
+    """``(w, b)`` a synthetic store was generated with, or ``None`` for other stores."""
+    gen = store.layout.generator
+    if gen.get("name") != GENERATOR_NAME:
+        return None
+    return np.asarray(store.group[gen["weights"]][:]), float(gen["bias"])
+
+
+def _crc(a: np.ndarray) -> int:
+    import crc32c
+
+    return crc32c.crc32c(np.ascontiguousarray(a, dtype="<f4").tobytes())
+
+
+class _RegressionStream(IterableDataset):
+    """Batches of regression data drawn in memory, with no store (the lesson's exercises)."""
+
+    def __init__(
+        self, weights, bias: float = 4.2, noise: float = 0.01, *, rows: int, batch_size: int,
+        drop_last: bool = False, seed: int | None = None,
+    ) -> None:
+        if rows < 1 or batch_size < 1:
+            raise ValueError(f"rows and batch_size must be positive, got {rows} and {batch_size}")
+        self.w = torch.as_tensor(np.asarray(weights, dtype=np.float32)).reshape(-1)
+        self.bias, self.noise, self.rows = float(bias), float(noise), int(rows)
+        self.batch_size, self.drop_last, self.seed = int(batch_size), bool(drop_last), seed
+
+    def __len__(self) -> int:
+        return self.rows // self.batch_size if self.drop_last else -(-self.rows // self.batch_size)
+
+    def _batches(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for j in range(wid, len(self), nw):
+            n = min(self.batch_size, self.rows - j * self.batch_size)
+            X, y = torch.empty(n, len(self.w)), torch.empty(n, 1)
+            if self.seed is not None:  # batch j is a pure function of (seed, j)
+                gen = _torch_generator(self.seed, 2, j)
+            _fill_regression(gen, X, y, self.w, self.bias, self.noise)
+            yield X, y
+
+
+class FreshRegressionStream(_RegressionStream):
+    """New random data on every pass ("generate the data on the fly").
+
+    >>> ds = FreshRegressionStream([2.0, -3.4], rows=10, batch_size=4)
+    >>> [tuple(X.shape) for X, y in ds]
+    [(4, 2), (4, 2), (2, 2)]
+    """
+
+    def __init__(self, weights, bias: float = 4.2, noise: float = 0.01, *, rows: int, batch_size: int, drop_last: bool = False):
+        super().__init__(weights, bias, noise, rows=rows, batch_size=batch_size, drop_last=drop_last, seed=None)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        return self._batches(gen)
+
+
+class FixedRegressionStream(_RegressionStream):
+    """The same data on every pass, from ``seed`` (a local generator, never the global RNG).
+
+    >>> ds = FixedRegressionStream([2.0, -3.4], rows=10, batch_size=4, seed=7, drop_last=True)
+    >>> a, b = list(ds), list(ds)
+    >>> len(a), all(torch.equal(x[0], z[0]) for x, z in zip(a, b))
+    (2, True)
+    """
+
+    def __init__(self, weights, bias: float = 4.2, noise: float = 0.01, *, rows: int, batch_size: int, seed: int = 0, drop_last: bool = False):
+        super().__init__(weights, bias, noise, rows=rows, batch_size=batch_size, drop_last=drop_last, seed=seed)
+
+    def __iter__(self):
+        return self._batches(torch.Generator())

@@ -1,0 +1,329 @@
+"""Writing stores: a streaming writer for any batches, and a parallel block writer.
+
+Both end in the same loop: whole blocks go to :meth:`BlockStore.write_block`
+on a background thread (so the next block is produced while the last one is
+written and fsynced), and a block is recorded complete in the group attributes
+only after its chunks are durable.  Rerunning an interrupted write with the
+same parameters writes only the missing blocks.
+
+Example:
+    >>> import numpy as np, tempfile, os
+    >>> from shardset import write, BlockStore
+    >>> path = os.path.join(tempfile.mkdtemp(), "s.zarr")
+    >>> batches = ({"x": np.full((3, 2), i, np.float32)} for i in range(4))
+    >>> store = write(path, batches, rows=12, block_rows=5)
+    >>> store.layout.num_blocks, BlockStore.open(path).missing_blocks()
+    (3, [])
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import ShardsetError, StoreFormatError
+from .format import DEFAULT_BLOCK_MB, FieldSpec, Layout, block_rows_for
+from .store import BlockStore, compressors_for
+
+__all__ = ["write", "write_blocks", "open_for_writing", "layout_for"]
+
+BlockFn = Callable[[int], Mapping[str, np.ndarray]]
+_FLUSH_SECONDS = 1.0
+
+
+def layout_for(
+    rows: int,
+    fields: Mapping[str, FieldSpec],
+    *,
+    block_mb: float = DEFAULT_BLOCK_MB,
+    block_rows: int | None = None,
+    generator: Mapping[str, Any] | None = None,
+) -> Layout:
+    """The :class:`Layout` for ``rows`` rows of ``fields`` (``block_rows`` overrides ``block_mb``)."""
+    if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+        raise ValueError(f"rows must be a positive integer, got {rows!r}")
+    if block_rows is None:
+        block_rows = block_rows_for(fields, block_mb)
+    elif isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows < 1:
+        raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
+    return Layout(int(rows), int(min(block_rows, rows)), dict(fields), dict(generator or {}))
+
+
+def open_for_writing(
+    path: str | os.PathLike,
+    layout: Layout,
+    *,
+    compression: str | None = None,
+    checksum: bool = True,
+    overwrite: bool = False,
+) -> BlockStore:
+    """Create the store, or reopen a compatible one to resume; refuse an incompatible one."""
+    if not overwrite and os.path.exists(path):
+        try:
+            store = BlockStore.open(path, mode="r+")
+        except StoreFormatError as exc:
+            raise StoreFormatError(f"{exc}; pass overwrite=True (--overwrite) to replace it") from None
+        old = store.layout
+        if store.foreign or not old.same_shape(layout) or old.generator != layout.generator:
+            raise StoreFormatError(
+                f"{path} holds a different dataset ({_describe(old)}) than requested ({_describe(layout)}); "
+                "pass overwrite=True (--overwrite) to replace it"
+            )
+        want = [c.to_dict()["name"] for c in compressors_for(compression, checksum)]
+        for name in layout.fields:
+            if store.codec_names(name)[1:] != want:
+                raise StoreFormatError(
+                    f"{path} was written with codecs {store.codec_names(name)}; pass overwrite=True to rewrite"
+                )
+        store.remove_partials()
+        return store
+    return BlockStore.create(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
+
+
+def write(
+    path: str | os.PathLike,
+    batches: Iterable[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray],
+    *,
+    rows: int | None = None,
+    block_mb: float = DEFAULT_BLOCK_MB,
+    block_rows: int | None = None,
+    compression: str | None = None,
+    checksum: bool = True,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> BlockStore:
+    """Write batches (dicts of equally long arrays, any batch size) as a store.
+
+    ``batches`` may also be one dict of whole arrays (numpy, memmap, zarr, torch),
+    read a block at a time.  ``rows`` is required for an iterable of batches; the
+    batches must add up to exactly that many rows.  Memory stays at about two
+    blocks whatever the dataset size.  Rerunning after an interruption skips the
+    blocks already complete (the batches are still consumed, not rewritten).
+    """
+    if isinstance(batches, Mapping):
+        arrays = batches
+        lens = {len(a) for a in arrays.values()}
+        if len(lens) != 1:
+            raise ValueError(f"arrays must share their first dimension, got lengths {sorted(lens)}")
+        rows = lens.pop() if rows is None else rows
+        specs = {k: FieldSpec.of(np.asarray(a[:1])) for k, a in arrays.items()}
+        layout = layout_for(rows, specs, block_mb=block_mb, block_rows=block_rows)
+        store = open_for_writing(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
+        todo = store.missing_blocks()
+        blocks = ((b, {k: np.asarray(a[slice(*layout.block_range(b))]) for k, a in arrays.items()}) for b in todo)
+        _run(store, blocks, len(todo), progress)
+        return store
+    if rows is None:
+        raise ValueError("rows= is required when writing an iterable of batches")
+    it = iter(batches)
+    try:
+        first = {k: np.asarray(v) for k, v in next(it).items()}
+    except StopIteration:
+        raise ValueError("no batches to write") from None
+    layout = layout_for(rows, {k: FieldSpec.of(v) for k, v in first.items()}, block_mb=block_mb, block_rows=block_rows)
+    store = open_for_writing(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
+    done = store.complete_blocks()
+    blocks = ((b, arr) for b, arr in _rebatch(layout, _chain(first, it)) if b not in done)
+    _run(store, blocks, layout.num_blocks - len(done), progress)
+    return store
+
+
+def write_blocks(
+    path: str | os.PathLike,
+    layout: Layout,
+    make_block: BlockFn,
+    *,
+    workers: int | None = None,
+    compression: str | None = None,
+    checksum: bool = True,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> BlockStore:
+    """Write every block ``b`` as ``make_block(b)``, in parallel over processes.
+
+    ``make_block`` must be picklable and a pure function of the block id: then the
+    bytes do not depend on ``workers`` nor on the order blocks are written, and an
+    interrupted run is finished by rerunning it.
+    """
+    store = open_for_writing(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
+    todo = store.missing_blocks()
+    workers = _resolve_workers(workers, len(todo))
+    if workers <= 1:
+        _run(store, ((b, make_block(b)) for b in todo), len(todo), progress)
+    else:
+        _run_processes(store, make_block, todo, workers, progress)
+    return store
+
+
+# -- the shared write loop ---------------------------------------------------------
+
+
+def _write_loop(store: BlockStore, blocks: Iterable[tuple[int, Mapping[str, np.ndarray]]], done: Callable[[int], None]):
+    """Write blocks on a background thread, one in flight while the next is produced."""
+    with ThreadPoolExecutor(1, thread_name_prefix="shardset-write") as pool:
+        pending: tuple[int, Future] | None = None
+        for block, arrays in blocks:
+            fut = pool.submit(store.write_block, block, arrays)
+            if pending is not None:
+                pending[1].result()
+                done(pending[0])
+            pending = (block, fut)
+            del arrays
+        if pending is not None:
+            pending[1].result()
+            done(pending[0])
+
+
+class _Progress:
+    """Progress bar plus periodic, durable completion records."""
+
+    def __init__(self, store: BlockStore, nblocks: int, progress: bool | None) -> None:
+        self.store, self.pending, self.last_flush = store, [], time.monotonic()
+        lay = store.layout
+        show = sys.stderr.isatty() if progress is None else progress
+        todo_rows = sum(lay.block_len(b) for b in store.missing_blocks()) if nblocks else 0
+        self.bar = tqdm(
+            total=todo_rows * lay.row_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+            disable=not show, desc="writing", dynamic_ncols=True,
+        )
+        self.rows = 0
+
+    def __call__(self, block: int) -> None:
+        n = self.store.layout.block_len(block)
+        self.rows += n
+        self.bar.update(n * self.store.layout.row_bytes)
+        self.bar.set_postfix_str(f"{self.rows:,} rows", refresh=False)
+        self.pending.append(block)
+        if time.monotonic() - self.last_flush > _FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.store.mark_complete(self.pending)
+            self.pending = []
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        self.bar.close()
+
+
+def _run(store: BlockStore, blocks, nblocks: int, progress: bool | None) -> None:
+    prog = _Progress(store, nblocks, progress)
+    try:
+        _write_loop(store, blocks, prog)
+    finally:
+        prog.close()
+
+
+def _process_main(path: str, make_block: BlockFn, blocks: list[int], results) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        store = BlockStore.open(path, mode="r+")
+        _write_loop(store, ((b, make_block(b)) for b in blocks), lambda b: results.put(("done", b)))
+        results.put(("exit", os.getpid()))
+    except BaseException as exc:  # reported to the parent, which raises it
+        results.put(("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, ShardsetError) else str(exc)))
+
+
+def _run_processes(store: BlockStore, make_block: BlockFn, todo: list[int], workers: int, progress) -> None:
+    ctx = mp.get_context("spawn")  # never fork a process that may hold torch/OpenMP threads
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_process_main, args=(store.where, make_block, todo[w::workers], results), daemon=True)
+        for w in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    prog = _Progress(store, len(todo), progress)
+    exited, error = 0, None
+    try:
+        while exited < workers and error is None:
+            try:
+                kind, value = results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    error = f"a writer process died (exit code {dead[0].exitcode})"
+                continue
+            if kind == "done":
+                prog(value)
+            elif kind == "exit":
+                exited += 1
+            else:
+                error = value
+    finally:
+        for p in procs:
+            if p.is_alive() and (error is not None or exited < workers):
+                p.terminate()
+            p.join()
+        prog.close()
+    if error is not None:
+        raise ShardsetError(f"writing {store.where} failed: {error}; rerun to resume")
+
+
+def _resolve_workers(workers: int | None, nblocks: int) -> int:
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    return max(1, min(workers, nblocks))
+
+
+# -- rebatching a stream of batches into blocks ----------------------------------
+
+
+def _chain(first: Mapping[str, np.ndarray], rest: Iterator[Mapping[str, Any]]) -> Iterator[Mapping[str, np.ndarray]]:
+    yield first
+    for batch in rest:
+        yield {k: np.asarray(v) for k, v in batch.items()}
+
+
+def _rebatch(layout: Layout, batches: Iterable[Mapping[str, np.ndarray]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Cut batches of any size at block boundaries; yields ``(block, arrays)``."""
+    names = set(layout.fields)
+    block, fill, buf = 0, 0, None
+    for i, batch in enumerate(batches):
+        if set(batch) != names:
+            raise ValueError(f"batch {i} has fields {sorted(batch)}, expected {sorted(names)}")
+        lens = {len(v) for v in batch.values()}
+        if len(lens) != 1:
+            raise ValueError(f"batch {i}: fields have different lengths {sorted(lens)}")
+        n, pos = lens.pop(), 0
+        for name, v in batch.items():
+            spec = layout.fields[name]
+            if tuple(v.shape[1:]) != spec.shape:
+                raise ValueError(f"batch {i}: field '{name}' rows have shape {tuple(v.shape[1:])}, expected {spec.shape}")
+        while pos < n:
+            if block >= layout.num_blocks:
+                raise ValueError(f"batches hold more than the declared {layout.rows} rows")
+            want = layout.block_len(block)
+            if buf is None:
+                buf = {k: np.empty((want, *s.shape), s.dtype) for k, s in layout.fields.items()}
+            take = min(want - fill, n - pos)
+            for name, v in batch.items():
+                buf[name][fill : fill + take] = v[pos : pos + take]
+            fill, pos = fill + take, pos + take
+            if fill == want:
+                yield block, buf
+                block, fill, buf = block + 1, 0, None
+    if block != layout.num_blocks:
+        got = block * layout.block_rows + fill
+        raise ValueError(f"batches hold {got} rows, fewer than the declared {layout.rows}")
+
+
+def _describe(layout: Layout) -> str:
+    fields = ", ".join(f"{k}:{v.dtype}{list(v.shape)}" for k, v in layout.fields.items())
+    gen = layout.generator
+    extra = "".join(f", {k}={gen[k]}" for k in ("seed", "bias", "noise") if k in gen)
+    return f"{layout.rows} rows of {fields}, {layout.block_rows} rows per block{extra}"
