@@ -16,6 +16,7 @@ from .synthetic import (
     generate_regression,
     true_parameters,
 )
+from .train import FitResult, fit_linear_regression
 from .writer import write, write_blocks
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "RegressionBlocks",
     "generate_regression",
     "true_parameters",
+    "FitResult",
+    "fit_linear_regression",
     "write",
     "write_blocks",
 ]
