@@ -1,0 +1,575 @@
+"""Shared helpers for the benchmark scripts.
+
+* :func:`machine_description` - what the numbers were measured on (CPU, cores, RAM,
+  filesystem of the data directory, kernel, library versions, date).
+* :func:`summarize` / :func:`fmt` - every figure is a median of several runs with
+  its min and max; ratios are computed per run (pairs measured back to back) and
+  from the medians.
+* :class:`RssSampler` - peak RSS of a process tree, sampled on a thread.
+* :func:`baseline_rss` - RSS (and import time) of a fresh interpreter that has
+  imported torch, numpy, zarr and shardset: the floor every process pays.
+* :func:`evict` / :func:`resident_bytes` / :func:`warm` - page-cache control with
+  ``posix_fadvise(DONTNEED)`` and a ``mincore(2)`` check of what is still cached.
+* :func:`data_root` - a scratch directory (never inside the repository) that is
+  removed at the end.
+* :func:`save_json`, :func:`plot_path`, :func:`print_table`.
+
+Nothing here imports shardset, so the helpers also work for benchmarks of
+other code paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as _dt
+import json
+import math
+import mmap
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+PLOTS_DIR = REPO_ROOT / "benchmarks" / "plots"
+DEFAULT_DATA_PARENT = Path(tempfile.gettempdir()) / "shardset-bench"
+
+GiB = 1 << 30
+MiB = 1 << 20
+GB = 1e9
+
+
+# -- machine description -------------------------------------------------------------
+
+
+def filesystem_of(path: str | os.PathLike) -> dict[str, str]:
+    """Mount point, filesystem type, device and options of ``path`` (from /proc/mounts)."""
+    target = os.path.realpath(path)
+    best: dict[str, str] = {}
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 4:
+                    continue
+                dev, mnt, fstype, opts = parts[:4]
+                mnt = mnt.replace("\\040", " ")
+                inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best.get("mount_point", "")):
+                    best = {"mount_point": mnt, "fstype": fstype, "device": dev, "options": opts}
+    except OSError:
+        pass
+    return best or {"mount_point": "?", "fstype": "unknown", "device": "?", "options": ""}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return flag in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:
+        return None
+    return str(getattr(mod, "__version__", "?"))
+
+
+def _git_state() -> dict[str, Any]:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        return {"commit": head.stdout.strip() or None, "uncommitted_changes": bool(dirty.stdout.strip())}
+    except Exception:
+        return {"commit": None, "uncommitted_changes": None}
+
+
+def machine_description(data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A JSON-able description of the machine and software the benchmark ran on."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    desc: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": _cpu_model(),
+        "cpu_logical_cores": os.cpu_count(),
+        "cpu_physical_cores": psutil.cpu_count(logical=False),
+        "cpu_affinity_cores": affinity,
+        "virtualized": _cpu_flag("hypervisor"),
+        "ram_total_bytes": int(vm.total),
+        "ram_total_gib": round(vm.total / GiB, 2),
+        "ram_available_gib_at_start": round(vm.available / GiB, 2),
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "versions": {m: _version(m) for m in ("torch", "numpy", "zarr", "numcodecs", "crc32c", "psutil", "shardset")},
+        "git": _git_state(),
+    }
+    try:
+        import torch
+
+        desc["torch_num_threads"] = torch.get_num_threads()
+    except Exception:
+        pass
+    if data_dir is not None:
+        fs = filesystem_of(data_dir)
+        usage = shutil.disk_usage(data_dir)
+        desc["data_dir"] = str(data_dir)
+        desc["data_dir_filesystem"] = fs
+        desc["data_dir_free_gib_at_start"] = round(usage.free / GiB, 1)
+    return desc
+
+
+def describe_machine_line(desc: dict[str, Any]) -> str:
+    fs = desc.get("data_dir_filesystem", {})
+    return (
+        f"{desc['cpu_model']}, {desc['cpu_affinity_cores']} cores, {desc['ram_total_gib']} GiB RAM, "
+        f"data on {fs.get('fstype', '?')} ({fs.get('device', '?')}), kernel {desc['kernel']}, "
+        f"python {desc['python']}, torch {desc['versions'].get('torch')}, numpy {desc['versions'].get('numpy')}, "
+        f"zarr {desc['versions'].get('zarr')}, {desc['date']}"
+    )
+
+
+# -- statistics and printing ---------------------------------------------------------
+
+
+def summarize(values: Iterable[float]) -> dict[str, Any]:
+    """``{"median", "min", "max", "n", "runs"}`` of the measured values."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0, "runs": []}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals), "runs": vals}
+
+
+def ratio_summary(num: Sequence[float], den: Sequence[float]) -> dict[str, Any]:
+    """Ratio of two figures measured in the same run: the ratio of the medians, and
+    the median/min/max of the per-round ratios (each pair measured back to back)."""
+    pairs = [a / b for a, b in zip(num, den) if b]
+    out = summarize(pairs)
+    mn, md = statistics.median(num) if num else None, statistics.median(den) if den else None
+    out["of_medians"] = (mn / md) if (mn is not None and md) else None
+    return out
+
+
+def fmt(s: dict[str, Any] | None, scale: float = 1.0, digits: int = 2) -> str:
+    """``median [min-max]`` of a :func:`summarize` result, times ``scale``."""
+    if not s or s.get("median") is None:
+        return "-"
+    f = f"{{:.{digits}f}}"
+    return f"{f.format(s['median'] * scale)} [{f.format(s['min'] * scale)}-{f.format(s['max'] * scale)}]"
+
+
+def fmt_ratio(s: dict[str, Any] | None, digits: int = 2) -> str:
+    """A ratio: of medians, with the min-max of the per-round ratios."""
+    if not s or s.get("of_medians") is None:
+        return "-"
+    f = f"{{:.{digits}f}}"
+    return f"{f.format(s['of_medians'])} [{f.format(s['min'])}-{f.format(s['max'])}]"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> str:
+    """Print (and return) a plain-text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append("  ".join(h.ljust(w) for h, w in zip(cells[0], widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    for r in cells[1:]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    print(flush=True)
+    return text
+
+
+def verdict(value: float | None, target: float, higher_is_better: bool = True) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    ok = value >= target if higher_is_better else value <= target
+    return "MET" if ok else "MISSED"
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+def save_json(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/<name>.json`` atomically; returns the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=False, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def plot_path(name: str) -> Path:
+    PLOTS_DIR.mkdir(parents=True, exist_ok=True)
+    return PLOTS_DIR / f"{name}.png"
+
+
+def errbar(s: dict[str, Any], scale: float = 1.0) -> tuple[float, float, float]:
+    """(median, lower error, upper error) for matplotlib from a summary."""
+    m = s["median"] * scale
+    return m, m - s["min"] * scale, s["max"] * scale - m
+
+
+# -- scratch data directory -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def data_root(parent: str | os.PathLike | None, prefix: str) -> Iterator[Path]:
+    """A fresh directory under ``parent`` (default /tmp/shardset-bench), removed at exit.
+
+    Refuses a location inside the repository (benchmark data must never end up there).
+    """
+    parent = Path(parent) if parent is not None else DEFAULT_DATA_PARENT
+    parent = parent.expanduser().resolve()
+    repo = REPO_ROOT.resolve()
+    if parent == repo or repo in parent.parents:
+        raise SystemExit(f"--data-dir {parent} is inside the repository {repo}; choose a directory elsewhere (e.g. /tmp)")
+    created_parent = not parent.exists()
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        if created_parent:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+def tree_files(root: str | os.PathLike) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("*") if p.is_file())
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def _role(proc, root_pid: int) -> str:
+    if proc.pid == root_pid:
+        return "parent"
+    try:
+        cmd = " ".join(proc.cmdline())
+    except Exception:
+        cmd = ""
+    if "resource_tracker" in cmd or "forkserver" in cmd:
+        return "helper"
+    return "worker"
+
+
+class RssSampler:
+    """Sample the RSS of a process and all its descendants every ``interval`` seconds.
+
+    Use as a context manager; afterwards :meth:`result` gives the peak RSS of each
+    process seen (``role`` is ``parent``, ``worker`` or ``helper`` - e.g. the
+    multiprocessing resource tracker).  Peaks shorter than the interval can be missed.
+    """
+
+    def __init__(self, pid: int | None = None, interval: float = 0.05) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.root_pid = os.getpid() if pid is None else pid
+        self.interval = interval
+        self.peaks: dict[int, dict[str, Any]] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample_once(self) -> None:
+        ps = self._psutil
+        try:
+            root = ps.Process(self.root_pid)
+            procs = [root] + root.children(recursive=True)
+        except ps.Error:
+            return
+        for p in procs:
+            try:
+                rss = p.memory_info().rss
+            except ps.Error:
+                continue
+            rec = self.peaks.get(p.pid)
+            if rec is None:
+                rec = self.peaks[p.pid] = {"pid": p.pid, "role": _role(p, self.root_pid), "max_rss": 0, "samples": 0}
+            rec["max_rss"] = max(rec["max_rss"], rss)
+            rec["samples"] += 1
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample_once()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self._sample_once()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample_once()
+
+    def result(self) -> dict[str, Any]:
+        procs = sorted(self.peaks.values(), key=lambda r: (r["role"] != "parent", r["pid"]))
+        workers = [r["max_rss"] for r in procs if r["role"] == "worker"]
+        parent = [r["max_rss"] for r in procs if r["role"] == "parent"]
+        return {
+            "interval_s": self.interval,
+            "samples": self.samples,
+            "parent_max_rss": parent[0] if parent else None,
+            "worker_max_rss": workers,
+            "max_worker_rss": max(workers) if workers else None,
+            "processes": procs,
+        }
+
+
+_BASELINE_CODE = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+import numpy, torch, zarr, crc32c
+import shardset
+torch.set_num_threads(1)
+t1 = time.perf_counter()
+import psutil
+print(json.dumps({"rss": psutil.Process().memory_info().rss, "import_s": t1 - t0}))
+"""
+
+
+def baseline_rss(repeats: int = 3) -> dict[str, Any]:
+    """RSS of a fresh interpreter after ``import numpy, torch, zarr, shardset``
+    (what every writer or DataLoader worker process pays before touching data),
+    and how long those imports take (a spawned worker's start-up cost)."""
+    rss, imp = [], []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", _BASELINE_CODE], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300
+        )
+        rec = json.loads(out.stdout.strip().splitlines()[-1])
+        rss.append(rec["rss"])
+        imp.append(rec["import_s"])
+    return {"rss_bytes": summarize(rss), "import_seconds": summarize(imp)}
+
+
+# -- page cache --------------------------------------------------------------------------------
+
+_libc = None
+
+
+def _get_libc():
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        lib.munmap.restype = ctypes.c_int
+        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.mincore.restype = ctypes.c_int
+        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+        _libc = lib
+    return _libc
+
+
+def resident_bytes_of(path: str | os.PathLike) -> tuple[int, int]:
+    """(bytes of ``path`` in the page cache, file size), via mmap + mincore(2)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0, 0
+    lib = _get_libc()
+    page = mmap.PAGESIZE
+    pages = (size + page - 1) // page
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = lib.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap failed: {os.strerror(err)}")
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            if lib.mincore(addr, size, vec) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mincore failed: {os.strerror(err)}")
+            resident = sum(1 for v in bytes(vec) if v & 1)
+        finally:
+            lib.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return min(resident * page, size), size
+
+
+def resident_bytes(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
+    """Page-cache residency of a set of files: bytes cached, total, and the fraction."""
+    res = tot = 0
+    for p in paths:
+        r, s = resident_bytes_of(p)
+        res += r
+        tot += s
+    return {"resident_bytes": res, "total_bytes": tot, "fraction": (res / tot) if tot else 0.0}
+
+
+def fincore_text(paths: Sequence[str | os.PathLike], limit: int = 2) -> str | None:
+    """Output of util-linux ``fincore`` for the first ``limit`` files (extra evidence), if installed."""
+    exe = shutil.which("fincore")
+    if not exe or not paths:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--bytes", "--output", "RES,SIZE,FILE", *map(str, paths[:limit])], capture_output=True, text=True, timeout=30
+        )
+        return out.stdout.strip() or out.stderr.strip()
+    except Exception as exc:
+        return f"fincore failed: {exc}"
+
+
+def evict(paths: Iterable[str | os.PathLike]) -> None:
+    """Drop the files' pages from the page cache: fdatasync (DONTNEED skips dirty
+    pages), then ``posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            with contextlib.suppress(OSError):
+                os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def evict_verified(paths: Sequence[str | os.PathLike], tries: int = 3) -> dict[str, Any]:
+    """:func:`evict` and check with mincore that (almost) nothing stayed cached."""
+    before = resident_bytes(paths)
+    after = before
+    for _ in range(tries):
+        evict(paths)
+        after = resident_bytes(paths)
+        if after["fraction"] < 0.01:
+            break
+    return {"resident_before": before["fraction"], "resident_after": after["fraction"], "resident_bytes_after": after["resident_bytes"]}
+
+
+def warm(paths: Iterable[str | os.PathLike], piece: int = 8 * MiB) -> dict[str, Any]:
+    """Read the files through the page cache (so the next reads are warm); returns
+    the buffered read rate and the residency afterwards."""
+    import numpy as np
+
+    paths = list(paths)
+    buf = np.empty(piece, np.uint8)
+    mv = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(mv)
+                if not n:
+                    break
+                total += n
+    dt = time.perf_counter() - t0
+    return {"bytes": total, "seconds": dt, "gb_per_s": total / dt / GB if dt else None, **resident_bytes(paths)}
+
+
+def direct_read(paths: Iterable[str | os.PathLike], piece: int = 8 * MiB) -> dict[str, Any]:
+    """Sequential ``O_DIRECT`` read of the files (page cache bypassed) into one
+    page-aligned buffer (an anonymous mmap) ``piece`` bytes at a time."""
+    buf = mmap.mmap(-1, piece)  # page aligned, as O_DIRECT requires
+    mv = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    try:
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            try:
+                while True:
+                    n = os.readv(fd, [mv])
+                    total += n
+                    if n < piece:
+                        break
+            finally:
+                os.close(fd)
+    finally:
+        mv.release()
+        buf.close()
+    dt = time.perf_counter() - t0
+    return {"bytes": total, "seconds": dt, "gb_per_s": total / dt / GB if dt else None}
+
+
+def fsync_write_bandwidth(directory: str | os.PathLike, total: int, piece: int = 8 * MiB) -> dict[str, Any]:
+    """Write ``total`` bytes of random data in ``piece``-byte ``os.write`` calls, then
+    fsync; the file is removed afterwards.  GB/s counts write + fsync."""
+    import numpy as np
+
+    buf = np.random.default_rng(12345).integers(0, 256, piece, dtype=np.uint8)
+    mv = memoryview(buf)
+    path = Path(directory) / f"fsync-probe-{os.getpid()}.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    written = 0
+    try:
+        t0 = time.perf_counter()
+        while written < total:
+            view = mv[: min(piece, total - written)]
+            while len(view):
+                n = os.write(fd, view)
+                written += n
+                view = view[n:]
+        t1 = time.perf_counter()
+        os.fsync(fd)
+        t2 = time.perf_counter()
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return {"bytes": written, "write_s": t1 - t0, "fsync_s": t2 - t1, "gb_per_s": written / (t2 - t0) / GB}

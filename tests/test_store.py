@@ -1,0 +1,196 @@
+"""The on-disk format: geometry, attributes, codecs, and reading without shardset."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import zarr
+
+import shardset
+from shardset import BlockStore, CorruptBlockError, FieldSpec, Layout, StoreFormatError
+from shardset.format import blocks_to_ranges, block_rows_for, ranges_to_blocks
+
+
+def _fields(d=16):
+    return {"X": FieldSpec("float32", (d,)), "y": FieldSpec("float32", (1,))}
+
+
+@pytest.mark.parametrize("mb", [63.9, 257, 0, -1])
+def test_block_mb_outside_range_is_rejected(mb):
+    with pytest.raises(ValueError, match="block_mb"):
+        block_rows_for(_fields(), mb)
+
+
+@pytest.mark.parametrize("mb", [64, 128, 256])
+def test_block_rows_make_blocks_of_about_block_mb(mb):
+    rows = block_rows_for(_fields(), mb)
+    block_bytes = rows * 17 * 4
+    assert mb * 2**20 - 68 < block_bytes <= mb * 2**20
+
+
+def test_default_block_size_is_128_mib():
+    assert block_rows_for(_fields()) == block_rows_for(_fields(), 128)
+
+
+def test_ranges_round_trip():
+    blocks = {0, 1, 2, 5, 7, 8}
+    assert blocks_to_ranges(blocks) == [[0, 3], [5, 6], [7, 9]]
+    assert ranges_to_blocks(blocks_to_ranges(blocks)) == blocks
+
+
+def test_layout_geometry_and_attrs_round_trip():
+    lay = Layout(rows=10, block_rows=4, fields=_fields(3), generator={"seed": 1})
+    assert lay.num_blocks == 3
+    assert [lay.block_range(b) for b in range(3)] == [(0, 4), (4, 8), (8, 10)]
+    attrs = lay.to_attrs([0, 2])
+    assert attrs["complete_blocks"] == [[0, 1], [2, 3]] and attrs["complete"] is False
+    back = Layout.from_attrs({"shardset": json.loads(json.dumps(attrs))})
+    assert back.same_shape(lay) and back.generator == {"seed": 1}
+    with pytest.raises(IndexError):
+        lay.block_range(3)
+
+
+def test_format_attributes_and_codecs(tmp_path):
+    path = tmp_path / "s.zarr"
+    X = np.random.default_rng(0).standard_normal((1000, 5)).astype(np.float32)
+    shardset.write(path, {"X": X, "y": X[:, :1] * 2}, block_rows=300)
+    group = zarr.open_group(path, mode="r")
+    meta = group.attrs["shardset"]
+    assert meta["format"] == "shardset" and meta["version"] == 1
+    assert (meta["rows"], meta["block_rows"], meta["num_blocks"]) == (1000, 300, 4)
+    assert meta["fields"] == {"X": {"dtype": "float32", "shape": [5]}, "y": {"dtype": "float32", "shape": [1]}}
+    assert meta["complete"] is True and meta["complete_blocks"] == [[0, 4]]
+    arr = group["X"]
+    assert arr.chunks == (300, 5) and arr.metadata.zarr_format == 3
+    codecs = [c.to_dict() for c in arr.metadata.codecs]
+    assert codecs == [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+    assert np.isnan(arr.metadata.fill_value)
+    # a chunk is the whole block plus a 4-byte checksum; the last one is padded as zarr pads it
+    for b in range(4):
+        assert os.path.getsize(path / "X" / "c" / str(b) / "0") == 300 * 5 * 4 + 4
+
+
+def test_plain_zarr_reads_the_store_without_shardset(tmp_path):
+    path = tmp_path / "s.zarr"
+    X = np.arange(35, dtype=np.float32).reshape(7, 5)
+    shardset.write(path, {"X": X, "y": X[:, :1]}, block_rows=3)
+    group = zarr.open_group(str(path), mode="r")
+    np.testing.assert_array_equal(group["X"][:], X)
+    np.testing.assert_array_equal(group["y"][5:7], X[5:7, :1])
+
+
+def test_fast_path_and_zarr_path_agree(tmp_path):
+    path = tmp_path / "s.zarr"
+    data = {"a": np.arange(50, dtype=np.int64).reshape(25, 2), "b": np.linspace(0, 1, 25).astype(np.float64)}
+    shardset.write(path, data, block_rows=10)
+    bs = BlockStore.open(path)
+    for b in range(3):
+        lo, hi = bs.layout.block_range(b)
+        fast = bs.read_block("a", b, bs.new_buffer("a"))
+        np.testing.assert_array_equal(fast, data["a"][lo:hi])
+        np.testing.assert_array_equal(bs.read_block("b", b), data["b"][lo:hi])
+
+
+@pytest.mark.parametrize("compression,checksum", [("lz4", True), ("zstd", True), (None, False), ("zstd", False)])
+def test_codec_options_round_trip(tmp_path, compression, checksum):
+    path = tmp_path / "s.zarr"
+    X = np.random.default_rng(1).standard_normal((500, 4)).astype(np.float32)
+    shardset.write(path, {"X": X}, block_rows=128, compression=compression, checksum=checksum)
+    bs = BlockStore.open(path)
+    names = bs.codec_names("X")
+    assert ("crc32c" in names) == checksum
+    got = np.concatenate([bs.read_block("X", b) for b in range(bs.layout.num_blocks)])
+    np.testing.assert_array_equal(got, X)
+    np.testing.assert_array_equal(zarr.open_group(str(path), mode="r")["X"][:], X)
+
+
+def test_unknown_compression_creates_nothing(tmp_path):
+    with pytest.raises(ValueError, match="compression"):
+        shardset.write(tmp_path / "s.zarr", {"X": np.zeros((4, 2), np.float32)}, block_rows=2, compression="brotli")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_block_of_fill_values_is_still_written(tmp_path):
+    # zarr's default write_empty_chunks=False would skip an all-NaN block: it must be stored.
+    path = tmp_path / "s.zarr"
+    X = np.full((6, 2), np.nan, np.float32)
+    X[:3] = 1.0
+    shardset.write(path, {"X": X}, block_rows=3)
+    assert (path / "X" / "c" / "1" / "0").exists()
+    assert np.isnan(BlockStore.open(path).read_block("X", 1)).all()
+
+
+def test_missing_block_is_an_error_not_fill_values(tmp_path):
+    path = tmp_path / "s.zarr"
+    shardset.write(path, {"X": np.ones((6, 2), np.float32)}, block_rows=3)
+    (path / "X" / "c" / "1" / "0").unlink()
+    with pytest.raises(CorruptBlockError, match="block 1 of field 'X'.*missing"):
+        BlockStore.open(path).read_block("X", 1)
+
+
+def test_missing_block_in_compressed_store_is_an_error(tmp_path):
+    path = tmp_path / "s.zarr"
+    shardset.write(path, {"X": np.ones((6, 2), np.float32)}, block_rows=3, compression="zstd")
+    (path / "X" / "c" / "0" / "0").unlink()
+    with pytest.raises(CorruptBlockError, match="missing"):
+        BlockStore.open(path).read_block("X", 0)
+
+
+def test_flipped_bit_fails_the_checksum(tmp_path):
+    path = tmp_path / "s.zarr"
+    shardset.write(path, {"X": np.ones((6, 2), np.float32)}, block_rows=3)
+    chunk = path / "X" / "c" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[5] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(CorruptBlockError, match="checksum"):
+        BlockStore.open(path).read_block("X", 0)
+
+
+def test_truncated_chunk_is_reported(tmp_path):
+    path = tmp_path / "s.zarr"
+    shardset.write(path, {"X": np.ones((6, 2), np.float32)}, block_rows=3)
+    chunk = path / "X" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-7])
+    with pytest.raises(CorruptBlockError, match="bytes, expected"):
+        BlockStore.open(path).read_block("X", 1)
+
+
+def test_foreign_zarr_group_with_row_chunks_opens(tmp_path):
+    path = str(tmp_path / "plain.zarr")
+    g = zarr.open_group(path, mode="w")
+    g.create_array("feat", data=np.arange(40, dtype=np.float32).reshape(20, 2), chunks=(8, 2))
+    g.create_array("label", data=np.arange(20, dtype=np.int64), chunks=(8,))
+    bs = BlockStore.open(path)
+    assert bs.foreign and bs.layout.rows == 20 and bs.layout.block_rows == 8
+    assert bs.missing_blocks() == []
+    np.testing.assert_array_equal(bs.read_block("label", 2), np.arange(16, 20))
+
+
+def test_not_a_store_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreFormatError, match="not a shardset store"):
+        BlockStore.open(tmp_path / "nothing-here")
+    (tmp_path / "file.txt").write_text("hi")
+    with pytest.raises(StoreFormatError):
+        BlockStore.open(tmp_path / "file.txt")
+
+
+def test_group_with_mismatched_arrays_is_rejected(tmp_path):
+    path = str(tmp_path / "bad.zarr")
+    g = zarr.open_group(path, mode="w")
+    g.create_array("a", shape=(10, 2), chunks=(5, 2), dtype="f4")
+    g.create_array("b", shape=(11,), chunks=(5,), dtype="f4")
+    with pytest.raises(StoreFormatError, match="leading dimension"):
+        BlockStore.open(path)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    path = tmp_path / "s.zarr"
+    shardset.write(path, {"X": np.ones((4, 2), np.float32)}, block_rows=2)
+    g = zarr.open_group(str(path), mode="r+")
+    meta = dict(g.attrs["shardset"])
+    meta["version"] = 99
+    g.attrs["shardset"] = meta
+    with pytest.raises(StoreFormatError, match="version 99"):
+        BlockStore.open(path)
