@@ -296,6 +296,61 @@ def tree_files(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(root).rglob("*") if p.is_file())
 
 
+# -- other load on the machine ----------------------------------------------------------------
+
+
+def _own_tree_cpu() -> float:
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class CpuLoad:
+    """How busy the machine was while the block ran, and how much of that was not us.
+
+    ``other_busy_cores`` = (all CPU time used on the machine - CPU time of this process
+    tree) / wall time: the load of other programs (a shared machine is noisy);
+    ``steal_cores`` is time the hypervisor gave to other guests.
+    """
+
+    def __enter__(self) -> "CpuLoad":
+        import psutil
+
+        self._ps = psutil
+        self.t0 = time.monotonic()
+        self.sys0 = psutil.cpu_times()
+        self.own0 = _own_tree_cpu()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.monotonic() - self.t0
+        self.sys1 = self._ps.cpu_times()
+        self.own1 = _own_tree_cpu()
+
+    def result(self) -> dict[str, float]:
+        a, b = self.sys0, self.sys1
+        busy = lambda t: sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "steal", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)  # noqa: E731
+        wall = max(self.wall, 1e-9)
+        system = (busy(b) - busy(a)) / wall
+        own = (self.own1 - self.own0) / wall
+        return {
+            "wall_s": self.wall,
+            "system_busy_cores": system,
+            "own_busy_cores": own,
+            "other_busy_cores": max(0.0, system - own),
+            "steal_cores": (getattr(b, "steal", 0.0) - getattr(a, "steal", 0.0)) / wall,
+            "iowait_cores": (getattr(b, "iowait", 0.0) - getattr(a, "iowait", 0.0)) / wall,
+        }
+
+
 # -- memory ---------------------------------------------------------------------------------
 
 

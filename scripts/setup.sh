@@ -10,7 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}" \
-    || .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
+  .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
