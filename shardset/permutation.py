@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import operator
 from typing import Iterable, overload
 
 import numpy as np
@@ -76,11 +77,10 @@ class FeistelPermutation:
     def __init__(
         self, n: int, seed: int = 0, epoch: int = 0, *, domain: str = "block-order", stream: int = 0
     ) -> None:
-        n = int(n)
+        n, seed, epoch, stream = (operator.index(v) for v in (n, seed, epoch, stream))
         if not 1 <= n <= MAX_N:
             raise ValueError(f"permutation size must be in [1, 2**62], got {n}")
-        self.n, self.seed, self.epoch = n, int(seed), int(epoch)
-        self.domain, self.stream = domain, int(stream)
+        self.n, self.seed, self.epoch, self.domain, self.stream = n, seed, epoch, domain, stream
         # Exact width from integer arithmetic: values 0..n-1 need (n-1).bit_length() bits.
         self.width = max((n - 1).bit_length(), MIN_WIDTH)
         hi = self.width // 2
