@@ -63,6 +63,81 @@ NOTES = [
 # -- the driver process (runs generate_regression) --------------------------------------
 
 
+class _Timers:
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+        self.n: dict[str, int] = {}
+
+    def add(self, key: str, dt: float) -> None:
+        self.t[key] = self.t.get(key, 0.0) + dt
+        self.n[key] = self.n.get(key, 0) + 1
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {k: {"seconds": v, "calls": self.n[k]} for k, v in sorted(self.t.items())}
+
+
+def _instrument_writer(timers: _Timers):
+    """Wrap the in-process (workers=1) write path in timers by monkeypatching this process
+    only: block generation, crc32c, writev, fsync of data / directories, completion records.
+    Returns a function that undoes the patches."""
+    import types
+
+    import shardset.store as stm
+    import shardset.synthetic as syn
+    import shardset.writer as wrm
+
+    undo = []
+
+    def patch(obj, name, key):
+        orig = getattr(obj, name, None)
+        if orig is None:
+            return
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                timers.add(key, time.perf_counter() - t0)
+
+        setattr(obj, name, wrapper)
+        undo.append(lambda: setattr(obj, name, orig))
+
+    patch(syn.RegressionBlocks, "__call__", "main thread: generate a block (normal_ X, y; addmm)")
+    patch(stm.BlockStore, "write_block", "writer thread: write_block total")
+    patch(stm, "_writev_all", "writer thread: writev (copy into the page cache)")
+    patch(stm, "_fsync_dir", "writer thread: fsync of directories")
+    patch(stm.BlockStore, "mark_complete", "main thread: mark_complete (attributes + fsync)")
+    crc_mod = getattr(stm, "crc32c", None)
+    if crc_mod is not None and hasattr(crc_mod, "crc32c"):
+        proxy = types.SimpleNamespace(**{k: getattr(crc_mod, k) for k in dir(crc_mod) if not k.startswith("__")})
+        orig_crc = crc_mod.crc32c
+
+        def crc(data, *a):
+            t0 = time.perf_counter()
+            try:
+                return orig_crc(data, *a)
+            finally:
+                timers.add("writer thread: crc32c", time.perf_counter() - t0)
+
+        proxy.crc32c = crc
+        stm.crc32c = proxy
+        undo.append(lambda: setattr(stm, "crc32c", crc_mod))
+    orig_fsync = os.fsync
+
+    def fsync(fd):
+        t0 = time.perf_counter()
+        try:
+            return orig_fsync(fd)
+        finally:
+            timers.add("fsync, all (data + directories + metadata)", time.perf_counter() - t0)
+
+    os.fsync = fsync
+    undo.append(lambda: setattr(os, "fsync", orig_fsync))
+    del wrm
+    return lambda: [u() for u in reversed(undo)]
+
+
 def _driver_main() -> None:
     """Read JSON commands on stdin, run them, answer one JSON line each on the original stdout."""
     out = os.fdopen(os.dup(1), "w")
@@ -84,6 +159,8 @@ def _driver_main() -> None:
             path = Path(cmd["path"])
             shutil.rmtree(path, ignore_errors=True)
             rss_before = proc.memory_info().rss
+            timers = _Timers()
+            undo = _instrument_writer(timers) if cmd.get("profile") else None
             with common.RssSampler(interval=cmd.get("rss_interval", 0.05)) as sampler:
                 t0 = time.perf_counter()
                 store = generate_regression(
@@ -92,6 +169,8 @@ def _driver_main() -> None:
                     overwrite=True, progress=False,
                 )
                 dt = time.perf_counter() - t0
+            if undo is not None:
+                undo()
             lay = store.layout
             res = {
                 "seconds": dt,
@@ -104,6 +183,8 @@ def _driver_main() -> None:
                 "rss": sampler.result(),
                 "shardset_file": shardset.__file__,
             }
+            if cmd.get("profile"):
+                res["timers"] = timers.as_dict()
             shutil.rmtree(path, ignore_errors=True)
         except Exception as exc:  # reported to the benchmark, which stops
             res = {"error": f"{type(exc).__name__}: {exc}"}
@@ -249,7 +330,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     q = a.quick
     a.gib = a.gib if a.gib is not None else (0.25 if q else 4.0)
-    a.sweep_gib = a.sweep_gib if a.sweep_gib is not None else (0.25 if q else 1.0)
+    a.sweep_gib = a.sweep_gib if a.sweep_gib is not None else (0.125 if q else 1.0)
     a.disk_gib = a.disk_gib if a.disk_gib is not None else (0.25 if q else 1.0)
     a.gen_passes = a.gen_passes if a.gen_passes is not None else (2 if q else 4)
     a.name = a.name or ("write_quick" if q else "write")
@@ -279,6 +360,7 @@ def codec_args(codec: str) -> dict[str, Any]:
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    common.exit_on_sigterm()
     import torch
 
     started = time.perf_counter()
@@ -368,6 +450,14 @@ def main(argv=None) -> dict[str, Any]:
                     sweep_load.append(load.result())
                     print(f"[sweep round {r + 1}/{args.repeats}] GB/s stored: " + ", ".join(line)
                           + f"; other load {sweep_load[-1]['other_busy_cores']:.2f} cores", flush=True)
+            profile_runs: list[dict] = []
+            prows = rows_for(args.sweep_gib, args.features, args.block_mb)
+            for r in range(args.repeats):
+                res = driver.run(path=store_path, rows=prows, features=args.features, block_mb=args.block_mb, workers=1,
+                                 compression=None, checksum=True, profile=True)
+                profile_runs.append(res)
+                print(f"[profile {r + 1}/{args.repeats}] instrumented workers=1 run: {res['stored_bytes'] / res['seconds'] / GB:.3f} GB/s",
+                      flush=True)
         finally:
             driver.close()
             pool.shutdown()
@@ -375,6 +465,11 @@ def main(argv=None) -> dict[str, Any]:
         result = analyse(args, desc, baseline, driver.baseline_rss, main_runs, warm_runs, disk_detail, sweep_runs, sweep_cfgs, import_s, base_rss)
         result["other_load_cores"] = {"main_rounds": main_runs["load"], "sweep_rounds": sweep_load,
                                       "median_main": summarize([x["other_busy_cores"] for x in main_runs["load"]])}
+        result["breakdown_workers1"] = breakdown(profile_runs)
+        print_breakdown(result["breakdown_workers1"])
+        ol = result["other_load_cores"]["median_main"]
+        print(f"other programs on this machine used {fmt(ol)} cores (median [min-max] over the measured rounds) "
+              f"of {desc['cpu_affinity_cores']}; see other_load_cores in the JSON")
         result["total_seconds"] = time.perf_counter() - started
         path = common.save_json(args.name, result)
         if not args.no_plot:
@@ -562,6 +657,41 @@ def print_report(res: dict[str, Any]) -> None:
             rows,
             title="Sweeps, workers=1 (codec crc32c = checksum only; none = checksum=False)",
         )
+
+
+def breakdown(runs: list[dict]) -> dict[str, Any]:
+    """Seconds per run in each instrumented component (workers=1; the writer thread overlaps the main thread)."""
+    if not runs:
+        return {}
+    keys = sorted({k for r in runs for k in r["timers"]})
+    get = lambda r, k: r["timers"].get(k, {"seconds": 0.0})["seconds"]  # noqa: E731
+    out: dict[str, Any] = {
+        "stored_bytes": runs[0]["stored_bytes"],
+        "num_blocks": runs[0]["num_blocks"],
+        "wall_s": summarize([r["seconds"] for r in runs]),
+        "gb_per_s": summarize([r["stored_bytes"] / r["seconds"] / GB for r in runs]),
+        "components_s": {k: summarize([get(r, k) for r in runs]) for k in keys},
+        "calls": {k: runs[0]["timers"].get(k, {}).get("calls") for k in keys},
+    }
+    gen = "main thread: generate a block (normal_ X, y; addmm)"
+    wb = "writer thread: write_block total"
+    out["derived"] = {
+        "generation GB/s (stored bytes / generation time)": summarize([r["stored_bytes"] / max(1e-9, get(r, gen)) / GB for r in runs]),
+        "write_block GB/s (stored bytes / write_block time)": summarize([r["stored_bytes"] / max(1e-9, get(r, wb)) / GB for r in runs]),
+        "main thread not generating (waiting for the writer, store setup, completion records)": summarize(
+            [r["seconds"] - get(r, gen) for r in runs]),
+    }
+    return out
+
+
+def print_breakdown(b: dict[str, Any]) -> None:
+    if not b:
+        return
+    rows = [[k, b["calls"].get(k), fmt(s)] for k, s in b["components_s"].items()]
+    rows += [[k, "", fmt(s, digits=3 if "GB/s" in k else 2)] for k, s in b["derived"].items()]
+    rows.append(["wall time of generate_regression", "", fmt(b["wall_s"])])
+    print_table(["component (workers=1; generation and writing overlap on two threads)", "calls", "seconds [or GB/s]"], rows,
+                title=f"Where a workers=1 run goes ({b['stored_bytes'] / GiB:.2f} GiB, {b['num_blocks']} blocks, timers)")
 
 
 def plot(args, res: dict[str, Any]) -> None:

@@ -269,6 +269,18 @@ def errbar(s: dict[str, Any], scale: float = 1.0) -> tuple[float, float, float]:
 # -- scratch data directory -------------------------------------------------------------
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that ``finally`` blocks (scratch-directory
+    removal, helper-process shutdown) run when a benchmark is killed."""
+    import signal
+
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+
 @contextlib.contextmanager
 def data_root(parent: str | os.PathLike | None, prefix: str) -> Iterator[Path]:
     """A fresh directory under ``parent`` (default /tmp/shardset-bench), removed at exit.

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
-import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -126,19 +126,26 @@ class ShardedDataset(IterableDataset):
         return self.plan().num_batches
 
     def state_dict(self) -> dict[str, Any]:
-        """Where this consumer is: ``(seed, epoch, batches consumed)``, O(1) in size."""
+        """Where this consumer is: ``(epoch, batches consumed)`` plus the settings that
+        define the stream, O(1) in size."""
         epoch, batches = self._position if self._position is not None else (self.epoch, self._resume_at)
-        return {"seed": self.seed, "epoch": epoch, "batches": batches, "world_size": self.world_size}
+        return {**self._stream_settings(), "epoch": epoch, "batches": batches}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state``: the next pass yields exactly the remaining batches."""
-        if int(state["seed"]) != self.seed or int(state.get("world_size", self.world_size)) != self.world_size:
-            raise ValueError(
-                f"state is for seed={state['seed']}, world_size={state.get('world_size')}; "
-                f"this dataset has seed={self.seed}, world_size={self.world_size}"
-            )
+        mine = self._stream_settings()
+        differ = {k: (state.get(k), v) for k, v in mine.items() if k in state and state[k] != v}
+        if differ:
+            detail = ", ".join(f"{k}={a!r} (this dataset: {b!r})" for k, (a, b) in differ.items())
+            raise ValueError(f"state is for another stream: {detail}")
         self.set_epoch(int(state["epoch"]))
         self._resume_at = int(state["batches"])
+
+    def _stream_settings(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed, "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,
+            "shuffle": self.shuffle, "drop_last": self.drop_last, "rows": self.layout.rows,
+        }
 
     # -- iteration ------------------------------------------------------------------
 
@@ -167,7 +174,7 @@ class ShardedDataset(IterableDataset):
         bs = self.batch_size
         carry: list[list[torch.Tensor]] = []  # pieces of a batch that spans blocks
         have = 0
-        for blocks, order, release in reader:
+        for blocks, order in reader:
             pos, n = 0, len(order)
             while pos < n:
                 take = min(bs - have, n - pos)
@@ -182,7 +189,6 @@ class ShardedDataset(IterableDataset):
                 if have == bs:
                     yield self._emit([torch.cat(parts) for parts in zip(*carry)])
                     carry, have = [], 0
-            release()
         if have:
             yield self._emit([torch.cat(parts) for parts in zip(*carry)])
 
@@ -213,50 +219,46 @@ class ShardedDataset(IterableDataset):
 
 
 class _BlockReader:
-    """Background thread: read each segment's block, verify it, compute its row order.
+    """Load blocks ahead of the consumer on a small thread pool.
 
-    Iterating yields ``(tensors by field, row order, release)``; call ``release()``
-    when done with the tensors so the buffer is reused. At most ``1 + prefetch``
-    buffers exist.
+    A load reads every field's chunk into a free buffer set, verifies it and
+    computes the row order for the segment.  Up to ``prefetch`` loads run at once
+    (with 2 or more, one block's read overlaps another's checksum and order), and
+    there are ``1 + prefetch`` buffer sets, so memory stays at about that many
+    blocks.  Iterating yields ``(tensors by field, row order)`` in segment order;
+    a block's buffers are reused once the consumer asks for the next block.
     """
 
     def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], segments, prefetch: int) -> None:
         self.store, self.plan, self.fields = store, plan, fields
-        self.free: queue.Queue = queue.Queue()
-        for _ in range(1 + prefetch):
-            self.free.put({f: store.new_buffer(f) for f in fields})
-        self.ready: queue.Queue = queue.Queue()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(iter(segments),), daemon=True, name="shardset-read")
-        self.thread.start()
+        self.segments: Iterator[Segment] = iter(segments)
+        self.free = [{f: store.new_buffer(f) for f in fields} for _ in range(1 + prefetch)]
+        self.pool = ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="shardset-read")
+        self.loading: deque[Future] = deque()
 
-    def _run(self, segments: Iterator[Segment]) -> None:
-        try:
-            for seg in segments:
-                bufs = self.free.get()
-                if self.stop.is_set():
-                    return
-                blocks = {f: torch.from_numpy(self.store.read_block(f, seg.block, bufs[f])) for f in self.fields}
-                order = torch.from_numpy(self.plan.record_order(seg.block, seg.start, seg.stop))
-                self.ready.put((blocks, order, bufs))
-            self.ready.put(None)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            self.ready.put(exc)
+    def _load(self, seg: Segment, bufs: dict[str, np.ndarray]):
+        blocks = {f: torch.from_numpy(self.store.read_block(f, seg.block, bufs[f])) for f in self.fields}
+        order = torch.from_numpy(self.plan.record_order(seg.block, seg.start, seg.stop))
+        return blocks, order, bufs
 
-    def __iter__(self):
-        while True:
-            item = self.ready.get()
-            if item is None:
+    def _submit(self) -> None:
+        while self.free:
+            seg = next(self.segments, None)
+            if seg is None:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            blocks, order, bufs = item
-            yield blocks, order, lambda b=bufs: self.free.put(b)
+            self.loading.append(self.pool.submit(self._load, seg, self.free.pop()))
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        while True:
+            self._submit()
+            if not self.loading:
+                return
+            blocks, order, bufs = self.loading.popleft().result()
+            yield blocks, order
+            self.free.append(bufs)
 
     def close(self) -> None:
-        self.stop.set()
-        self.free.put(None)  # wakes a reader waiting for a buffer
-        self.thread.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -8,6 +8,7 @@ Distributed ranks are simulated in one process with ``rank=`` / ``world_size=``
 
 from __future__ import annotations
 
+import gc
 import itertools
 import re
 from pathlib import Path
@@ -127,9 +128,9 @@ def positions(ids: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("block_rows", [97, 400, 1000])
+@pytest.mark.parametrize("block_rows", [97, 400])
 def test_exactly_once_and_equal_batch_counts(id_store, block_rows, world_size, num_workers):
-    # 11, 3 or 2 blocks for 1 to 9 consumers (ranks x workers).
+    # 11 or 3 blocks for 1 to 9 consumers (ranks x workers).
     path = id_store(N, block_rows)
     rank_rows = N // world_size
     want_batches = -(-rank_rows // BS)
@@ -170,6 +171,19 @@ def test_more_consumers_than_batches_and_blocks(make_id_store):
         assert_exactly_once(np.concatenate([epochs[r][e] for r in range(3)]), 50, 3)
     orders = [tuple(np.concatenate([epochs[r][e] for r in range(3)]).tolist()) for e in range(3)]
     assert len(set(orders)) == 3
+
+
+@pytest.mark.parametrize("rows, block_rows, world_size", [(1, 1, 1), (2, 1, 2), (5, 2, 3), (3, 5, 1), (7, 3, 7)])
+def test_tiny_stores(make_id_store, rows, block_rows, world_size):
+    path = make_id_store(rows, block_rows)
+    dss = [ShardedDataset(path, 4, seed=1, rank=r, world_size=world_size) for r in range(world_size)]
+    for _ in range(2):
+        got = [list(ds) for ds in dss]
+        assert len({len(g) for g in got}) == 1 and len(got[0]) == len(dss[0])
+        for g in got:
+            for b in g:
+                check_id_rows(b)
+        assert_exactly_once(np.concatenate([stream_ids(g) for g in got]), rows, world_size)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -268,7 +282,10 @@ def test_blocks_are_visited_in_feistel_order(id_store):
 
 
 def test_epochs_decorrelate(id_store):
-    rows, block_rows = 20000, 100
+    # 128 blocks of 256 rows (a power of two keeps the record permutations cheap),
+    # the last one short.  Block-level statistics have an sd of about 1/sqrt(128) = 0.09,
+    # row-level ones inside blocks about 1/sqrt(32731) = 0.006.
+    rows, block_rows = 128 * 256 - 37, 256
     path = id_store(rows, block_rows, features=1)
     ds = ShardedDataset(path, 500, seed=3)
     streams = [stream_ids(list(ds)) for _ in range(4)]
@@ -278,20 +295,22 @@ def test_epochs_decorrelate(id_store):
     # Where each row lands inside its block's visit, and when each block is visited.
     local, block_pos = [], []
     for p in pos:
-        start = np.full(rows // block_rows, rows, np.int64)
+        start = np.full(-(-rows // block_rows), rows, np.int64)
         np.minimum.at(start, block, p)
         local.append(p - start[block])
         block_pos.append(np.argsort(np.argsort(start)))
     for s in streams:
         assert_exactly_once(s, rows)
-        assert abs(spearman(positions(s), ids)) < 0.25  # far from storage order
-    for a, b in itertools.combinations(range(4), 2):
+        assert abs(spearman(positions(s), ids)) < 0.3  # far from storage order
+    pairs = list(itertools.combinations(range(4), 2))
+    for a, b in pairs:
         assert not np.array_equal(streams[a], streams[b])
-        assert abs(spearman(pos[a], pos[b])) < 0.25, (a, b)  # 200 blocks: sd about 0.07
-        assert abs(spearman(block_pos[a], block_pos[b])) < 0.25, (a, b)
-        assert abs(spearman(local[a], local[b])) < 0.05, (a, b)  # 20000 rows: sd about 0.007
+        assert abs(spearman(pos[a], pos[b])) < 0.3, (a, b)
+        assert abs(spearman(block_pos[a], block_pos[b])) < 0.3, (a, b)
+        assert abs(spearman(local[a], local[b])) < 0.03, (a, b)
+    assert abs(np.mean([spearman(pos[a], pos[b]) for a, b in pairs])) < 0.2
     for lp in local:
-        assert abs(spearman(lp, ids % block_rows)) < 0.05
+        assert abs(spearman(lp, ids % block_rows)) < 0.03
 
 
 # -- epochs -------------------------------------------------------------------------------
@@ -324,6 +343,21 @@ def test_persistent_workers_advance_epochs(id_store, rank, world_size):
     for ids in got:
         assert len(np.unique(ids)) == len(ids) == N // world_size
     assert len({tuple(x.tolist()) for x in got}) == 3
+
+
+def test_spawned_workers_share_the_epoch_counter(id_store):
+    # The counter must survive pickling into workers that are not forked (the
+    # default start method is forkserver from Python 3.14 on).
+    path = id_store(N, 97)
+    ref = reference_epochs(path, 2, seed=8)
+    ds = ShardedDataset(path, BS, seed=8)
+    loader = DataLoader(
+        ds, batch_size=None, num_workers=2, persistent_workers=True, multiprocessing_context="spawn", timeout=120
+    )
+    for e in range(2):
+        batches = list(loader)
+        assert sorted(map(batch_key, batches)) == sorted(map(batch_key, ref[e])), e
+        assert ds.epoch == e + 1
 
 
 def test_workers_without_persistence_advance_epochs(id_store):
@@ -589,19 +623,29 @@ def _names_block(message: str, field: str, chunk_key: str, block: int) -> bool:
     return re.search(rf"\bblock {block}\b", message) is not None or chunk_key in message
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
 @pytest.mark.parametrize("how", ["flip", "flip-last-byte", "truncate", "append", "delete"])
 @pytest.mark.parametrize("field, ndim, block", [("X", 2, 3), ("X", 2, 10), ("y", 1, 5)])
-def test_damaged_chunk_raises_corrupt_block_error(make_id_store, how, field, ndim, block, num_workers):
+def test_damaged_chunk_raises_corrupt_block_error(make_id_store, how, field, ndim, block):
     path = make_id_store(N, 97)  # 11 blocks, block 10 is the short one
     chunk = _chunk(path, field, block, ndim)
     assert chunk.is_file()
     _damage(chunk, how)
     key = "/".join([field, "c", str(block), *["0"] * (ndim - 1)])
-    for _ in range(2):  # the error is raised every time, and the reader does not hang
+    for prefetch in (0, 3):  # raised every time, whatever the read-ahead, and the reader does not hang
         with pytest.raises(CorruptBlockError) as err:
-            load(ShardedDataset(path, BS, seed=1), num_workers)
+            list(ShardedDataset(path, BS, seed=1, prefetch=prefetch))
         assert _names_block(str(err.value), field, key, block), str(err.value)
+
+
+def test_damaged_chunk_raises_through_a_worker(make_id_store):
+    # (After a worker fails, DataLoader takes ~5 s to shut it down: one case only.)
+    path = make_id_store(N, 97)
+    _damage(_chunk(path, "X", 4, 2), "flip")
+    with pytest.raises(CorruptBlockError) as err:
+        load(ShardedDataset(path, BS, seed=1), 1)
+    assert _names_block(str(err.value), "X", "X/c/4/0", 4), str(err.value)
+    del err
+    gc.collect()  # shut the failed loader down here, not in a later test
 
 
 def test_damaged_chunk_only_hits_the_rank_that_reads_it(make_id_store):

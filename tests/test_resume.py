@@ -1,0 +1,228 @@
+"""Mid-epoch resumption of :class:`shardset.ShardedDataset`.
+
+A run is cut after ``k`` batches, its state saved, and a *fresh* dataset (and
+loader) restored from that state: what it yields next must be bit for bit what
+the uninterrupted run yielded after batch ``k``, and the epochs after that must
+follow as before.  In the main process the dataset's own ``state_dict()`` is
+used; with DataLoader workers, torchdata's ``StatefulDataLoader``.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from shardset import ShardedDataset
+
+StatefulDataLoader = pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
+
+pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
+
+N = 1009
+BS = 16
+
+
+def same_batches(a, b) -> bool:
+    """Bitwise equality of two lists of batches (tuples, lists or dicts), in order."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, dict) != isinstance(y, dict):
+            return False
+        if isinstance(x, dict):
+            if list(x) != list(y):
+                return False
+            x, y = list(x.values()), list(y.values())
+        if len(x) != len(y):
+            return False
+        for s, t in zip(x, y):
+            if s.dtype != t.dtype or s.shape != t.shape or not torch.equal(s, t):
+                return False
+    return True
+
+
+def state_after(ds: ShardedDataset, k: int) -> dict:
+    """Start a pass, take ``k`` batches, and return the dataset's state."""
+    it = iter(ds)
+    for _ in range(k):
+        next(it)
+    return ds.state_dict()
+
+
+def block_boundary_cuts(ds: ShardedDataset) -> list[int]:
+    """Batch counts ``k`` (0 < k < len) after which this rank's stream is exactly at a block boundary."""
+    plan = ds.plan()
+    base = plan.rank * plan.rank_rows
+    offsets = {plan.offset(v) - base for v in range(plan.num_blocks + 1)}
+    return [k for k in range(1, plan.num_batches) if k * BS in offsets]
+
+
+# -- main process: the dataset's own state_dict ----------------------------------------
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(rank=1, world_size=2)], ids=["ws1", "rank1of2"])
+def test_resume_at_every_batch(id_store, kw):
+    # 641 rows in blocks of 130 (the last one 121 rows), batch 16: most blocks end
+    # inside a batch.
+    path = id_store(641, 130)
+    ref = list(ShardedDataset(path, BS, seed=7, **kw))
+    ds = ShardedDataset(path, BS, seed=7, **kw)
+    for k in range(len(ref) + 1):
+        state = state_after(ds, k)
+        ds.set_epoch(0)
+        fresh = ShardedDataset(path, BS, seed=7, **kw)
+        fresh.load_state_dict(state)
+        assert same_batches(list(fresh), ref[k:]), k
+
+
+CUTS = ["start", "first-batch", "mid-block", "block-boundary", "last-batch", "all-yielded", "whole-epoch", "into-next-epoch"]
+
+
+@pytest.mark.parametrize("cut", CUTS)
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(rank=1, world_size=3), dict(drop_last=True), dict(rank=2, world_size=3, drop_last=True, prefetch=0)],
+    ids=["ws1", "rank1of3", "drop_last", "rank2of3-drop_last"],
+)
+def test_resume_at_cut_points(id_store, cut, kw):
+    path = id_store(N, 64)  # 4 batches a block: cuts can fall exactly between blocks
+    # A seed whose epoch 0 has a block boundary between two batches of this rank
+    # (the short last block, once visited, shifts later boundaries off the batch grid).
+    seed = next(s for s in range(3, 100) if block_boundary_cuts(ShardedDataset(path, BS, seed=s, **kw)))
+    ref_ds = ShardedDataset(path, BS, seed=seed, **kw)
+    ref = [list(ref_ds) for _ in range(3)]  # epochs 0, 1, 2
+    nb = len(ref[0])
+    ds = ShardedDataset(path, BS, seed=seed, **kw)
+    boundaries = block_boundary_cuts(ds)
+    if cut == "whole-epoch":
+        list(ds)
+        state, rest, after = ds.state_dict(), ref[1], ref[2]
+    elif cut == "into-next-epoch":
+        list(ds)
+        state, rest, after = state_after(ds, 5), ref[1][5:], ref[2]
+    else:
+        k = {
+            "start": 0,
+            "first-batch": 1,
+            "mid-block": 2,  # 32 of the first block's 64 rows
+            "block-boundary": boundaries[len(boundaries) // 2] if boundaries else None,
+            "last-batch": nb - 1,
+            "all-yielded": nb,  # every batch out, the pass not finished yet
+        }[cut]
+        assert k is not None, "no block boundary falls between batches"
+        state, rest, after = state_after(ds, k), ref[0][k:], ref[1]
+    fresh = ShardedDataset(path, BS, seed=seed, **kw)
+    fresh.load_state_dict(state)
+    assert same_batches(list(fresh), rest)
+    assert same_batches(list(fresh), after)  # and the epochs go on as before
+
+
+def test_state_before_any_pass_and_after_set_epoch(id_store):
+    path = id_store(N, 97)
+    ds = ShardedDataset(path, BS, seed=1)
+    fresh = ShardedDataset(path, BS, seed=1)
+    fresh.load_state_dict(ds.state_dict())
+    assert same_batches(list(fresh), list(ShardedDataset(path, BS, seed=1)))
+    ds.set_epoch(4)
+    fresh = ShardedDataset(path, BS, seed=1)
+    fresh.load_state_dict(ds.state_dict())
+    want = ShardedDataset(path, BS, seed=1)
+    want.set_epoch(4)
+    assert same_batches(list(fresh), list(want))
+
+
+def test_state_dict_is_small(id_store):
+    small = ShardedDataset(id_store(N, 97), BS, seed=1)
+    big = ShardedDataset(id_store(128 * 256 - 37, 256, features=1), BS, seed=1)
+    states = [small.state_dict(), state_after(small, 7), big.state_dict(), state_after(big, 1500)]
+    for state in states:
+        assert len(state) <= 10
+        assert all(type(v) in (int, bool) for v in state.values()), state
+        assert len(pickle.dumps(state)) < 300
+    assert {tuple(s) for s in states} == {tuple(states[0])}  # the same few keys whatever the size
+    assert states[1] != states[0] and states[3] != states[2]
+
+
+@pytest.mark.parametrize("change", [{"batch_size": BS + 1}, {"drop_last": True}, {"shuffle": False}])
+def test_loading_a_state_of_another_stream_raises(id_store, change):
+    path = id_store(N, 97)
+    state = state_after(ShardedDataset(path, BS, seed=1), 3)
+    other = ShardedDataset(path, change.pop("batch_size", BS), seed=1, **change)
+    with pytest.raises(ValueError, match="another stream"):
+        other.load_state_dict(state)
+
+
+def test_loading_a_state_of_another_seed_raises(id_store):
+    path = id_store(N, 97)
+    state = state_after(ShardedDataset(path, BS, seed=1), 3)
+    other = ShardedDataset(path, BS, seed=2)
+    with pytest.raises(ValueError):
+        other.load_state_dict(state)
+
+
+# -- StatefulDataLoader ----------------------------------------------------------------------
+
+
+def make_loader(path, num_workers, persistent=False, **kw):
+    ds = ShardedDataset(path, BS, seed=5, **kw)
+    extra = dict(timeout=60, persistent_workers=persistent) if num_workers else {}
+    return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers, **extra)
+
+
+_REFERENCE: dict = {}
+
+
+def reference(path, num_workers, **kw) -> list[list]:
+    """Three uninterrupted epochs through one loader (cached per configuration)."""
+    key = (path, num_workers, tuple(sorted(kw.items())))
+    if key not in _REFERENCE:
+        loader = make_loader(path, num_workers, **kw)
+        _REFERENCE[key] = [list(loader) for _ in range(3)]
+    return _REFERENCE[key]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+@pytest.mark.parametrize(
+    "num_workers, persistent, cut, kw",
+    [
+        (2, False, 0, {}),
+        (2, False, 5, {}),
+        (2, False, 33, {}),
+        (2, False, "last", {}),
+        (2, False, "all-yielded", {}),
+        (2, False, "whole-epoch", {}),
+        (2, False, "into-next-epoch", {}),
+        (2, True, 7, {}),
+        (2, True, "whole-epoch", {}),
+        (2, False, 9, dict(rank=1, world_size=2)),
+        (3, False, 10, dict(rank=0, world_size=3, drop_last=True)),
+        (0, False, 5, {}),
+        (0, False, "whole-epoch", {}),
+    ],
+)
+def test_stateful_dataloader_resume(id_store, num_workers, persistent, cut, kw):
+    path = id_store(N, 97)
+    ref = reference(path, num_workers, **kw)
+    nb = len(ref[0])
+    loader = make_loader(path, num_workers, persistent, **kw)
+    if cut in ("whole-epoch", "into-next-epoch"):
+        assert same_batches(list(loader), ref[0])
+        k = 0 if cut == "whole-epoch" else 4
+        it = iter(loader)
+        for _ in range(k):
+            next(it)
+        rest, after = ref[1][k:], ref[2]
+    else:
+        k = {"last": nb - 1, "all-yielded": nb}.get(cut, cut)
+        it = iter(loader)
+        for _ in range(k):
+            next(it)
+        rest, after = ref[0][k:], ref[1]
+    state = loader.state_dict()
+    del it, loader
+    resumed = make_loader(path, num_workers, persistent, **kw)
+    resumed.load_state_dict(state)
+    assert same_batches(list(resumed), rest)
+    assert same_batches(list(resumed), after)
