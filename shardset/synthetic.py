@@ -91,14 +91,16 @@ class RegressionBlocks:
     seed: int
 
     def __call__(self, block: int) -> dict[str, np.ndarray]:
-        start = block * self.block_rows
-        n = min(self.block_rows, self.rows - start)
-        d = len(self.weights)
-        X = torch.empty(n, d, dtype=torch.float32)
-        y = torch.empty(n, 1, dtype=torch.float32)
+        n = min(self.block_rows, self.rows - block * self.block_rows)
+        out = {"X": np.empty((n, len(self.weights)), np.float32), "y": np.empty((n, 1), np.float32)}
+        self.fill(block, out)
+        return out
+
+    def fill(self, block: int, out: dict[str, np.ndarray]) -> None:
+        """Write block ``block`` into ``out["X"]`` and ``out["y"]`` (its exact row count)."""
+        X, y = torch.from_numpy(out["X"]), torch.from_numpy(out["y"])
         with _one_thread():
             _fill_regression(_torch_generator(self.seed, _BLOCK_KEY, block), X, y, torch.from_numpy(self.weights), self.bias, self.noise)
-        return {"X": X.numpy(), "y": y.numpy()}
 
 
 def generate_regression(

@@ -158,13 +158,33 @@ def write_blocks(
     todo = store.missing_blocks()
     workers = _resolve_workers(workers, len(todo))
     if workers <= 1:
-        _run(store, ((b, make_block(b)) for b in todo), len(todo), progress)
+        _run(store, _produce(make_block, store.layout, todo), len(todo), progress)
     else:
         _run_processes(store, make_block, todo, workers, progress)
     return store
 
 
 # -- the shared write loop ---------------------------------------------------------
+
+
+def _produce(make_block: BlockFn, layout: Layout, blocks: Iterable[int]) -> Iterator[tuple[int, Mapping[str, np.ndarray]]]:
+    """``(block, arrays)`` for each block.
+
+    When ``make_block`` also has ``fill(block, out)``, two buffer sets are reused
+    in turn instead of allocating (and page-faulting) a block of memory each time:
+    :func:`_write_loop` never holds more than the block being written and the one
+    being produced.
+    """
+    fill = getattr(make_block, "fill", None)
+    if fill is None:
+        for b in blocks:
+            yield b, make_block(b)
+        return
+    ring = [{k: np.empty((layout.block_rows, *f.shape), f.dtype) for k, f in layout.fields.items()} for _ in range(2)]
+    for i, b in enumerate(blocks):
+        out = {k: v[: layout.block_len(b)] for k, v in ring[i % 2].items()}
+        fill(b, out)
+        yield b, out
 
 
 def _write_loop(store: BlockStore, blocks: Iterable[tuple[int, Mapping[str, np.ndarray]]], done: Callable[[int], None]):
@@ -233,14 +253,16 @@ def _process_main(path: str, make_block: BlockFn, blocks: list[int], results) ->
 
         torch.set_num_threads(1)
         store = BlockStore.open(path, mode="r+")
-        _write_loop(store, ((b, make_block(b)) for b in blocks), lambda b: results.put(("done", b)))
+        _write_loop(store, _produce(make_block, store.layout, blocks), lambda b: results.put(("done", b)))
         results.put(("exit", os.getpid()))
     except BaseException as exc:  # reported to the parent, which raises it
         results.put(("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, ShardsetError) else str(exc)))
 
 
 def _run_processes(store: BlockStore, make_block: BlockFn, todo: list[int], workers: int, progress) -> None:
-    ctx = mp.get_context("spawn")  # never fork a process that may hold torch/OpenMP threads
+    # fork, as DataLoader workers do: torch resets its thread pools and zarr its event
+    # loop in a forked child, and a spawned child would spend seconds importing torch.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     results = ctx.Queue()
     procs = [
         ctx.Process(target=_process_main, args=(store.where, make_block, todo[w::workers], results), daemon=True)
