@@ -464,6 +464,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help=f"parent of the scratch directory (default {common.DEFAULT_DATA_PARENT}); removed at the end")
     p.add_argument("--name", default=None, help="result name (default 'read', or 'read_quick' with --quick)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from benchmarks/results/<name>.json")
     a = p.parse_args(argv)
     q = a.quick
     a.gib = a.gib if a.gib is not None else (0.25 if q else 4.0)
@@ -490,6 +491,11 @@ WARM_CONFIGS: list[tuple[str, dict[str, Any]]] = [
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.replot:
+        res = json.loads((common.RESULTS_DIR / f"{args.name}.json").read_text())
+        plot(argparse.Namespace(**res["args"]), res)
+        print(f"plot: {common.plot_path(args.name)}")
+        return res
     common.exit_on_sigterm()
     import torch
 
@@ -920,6 +926,7 @@ def plot(args, res: dict[str, Any]) -> None:
     vals = [common.errbar(s, 1e-6) for _, s in items]
     ax.barh([n for n, _ in items], [v[0] for v in vals], xerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=3)
     ax.set_xscale("log")
+    common.log_axis(ax)
     ax.invert_yaxis()
     ax.set_xlabel("M rows/s (log)")
     ax.set_title("cold vs O_DIRECT, and the naive memmap loader")

@@ -327,6 +327,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help=f"parent of the scratch directory (default {common.DEFAULT_DATA_PARENT}); removed at the end")
     p.add_argument("--name", default=None, help="result name (default 'write', or 'write_quick' with --quick)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from benchmarks/results/<name>.json")
     a = p.parse_args(argv)
     q = a.quick
     a.gib = a.gib if a.gib is not None else (0.25 if q else 4.0)
@@ -360,6 +361,11 @@ def codec_args(codec: str) -> dict[str, Any]:
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.replot:
+        res = json.loads((common.RESULTS_DIR / f"{args.name}.json").read_text())
+        plot(argparse.Namespace(**res["args"]), res)
+        print(f"plot: {common.plot_path(args.name)}")
+        return res
     common.exit_on_sigterm()
     import torch
 
@@ -523,9 +529,18 @@ def analyse(args, desc, baseline, driver_base_rss, main_runs, warm_runs, disk_de
     disk_med = res_limits["disk_fsync"]["median"]
     w1_med = statistics.median(w1)
     disk_limited = disk_med is not None and 2 * w1_med > 0.9 * disk_med
+    fastest_med = statistics.median(fastest)
+    reachable = disk_med is None or disk_med >= 0.70 * fastest_med
     targets = {
-        "w1_over_fastest_generator>=0.70": {"value": ratios["w1_over_fastest_generator"]["of_medians"], "target": 0.70,
-                                             "verdict": common.verdict(ratios["w1_over_fastest_generator"]["of_medians"], 0.70)},
+        "w1_over_fastest_generator>=0.70": {
+            "value": ratios["w1_over_fastest_generator"]["of_medians"], "target": 0.70,
+            "verdict": common.verdict(ratios["w1_over_fastest_generator"]["of_medians"], 0.70),
+            "reachable_on_this_disk": reachable,
+            "note": ("the disk's write+fsync bandwidth is at least 0.70 x the generator, so the target is reachable here"
+                     if reachable else
+                     f"unreachable on this disk: write+fsync {disk_med:.3f} GB/s < 0.70 x generator {fastest_med:.3f} GB/s; "
+                     "compare workers=1 / disk write+fsync instead"),
+        },
         "w2_over_w1>=1.6": {
             "value": ratios["w2_over_w1"]["of_medians"], "target": 1.6,
             "verdict": common.verdict(ratios["w2_over_w1"]["of_medians"], 1.6),
@@ -615,6 +630,7 @@ def print_report(res: dict[str, Any]) -> None:
         ],
         title="Write limits and generate+write throughput (stored bytes / wall time)",
     )
+    notes = [T["w1_over_fastest_generator>=0.70"].get("note"), T["w2_over_w1>=1.6"].get("note")]
     print_table(
         ["ratio (same run)", "of medians [per-round min-max]", "target", "verdict"],
         [
@@ -628,6 +644,10 @@ def print_report(res: dict[str, Any]) -> None:
         ],
         title="Ratios",
     )
+    for n in notes:
+        if n:
+            print(f"note: {n}")
+    print()
     b = res["baseline_interpreter"]["rss_bytes"]
     m1, m2 = g["memory_w1"], g["memory_w2"]
     print_table(
@@ -712,6 +732,7 @@ def plot(args, res: dict[str, Any]) -> None:
     ax.barh([n for n, _ in items], [v[0] for v in vals], xerr=[[v[1] for v in vals], [v[2] for v in vals]],
             color=["#999"] * 5 + ["#1f77b4", "#ff7f0e"], capsize=3)
     ax.set_xscale("log")
+    common.log_axis(ax)
     ax.set_xlabel("GB/s (median, min-max)")
     ax.set_title(f"limits vs generate+write (d={g['features']}, {g['block_mb']} MB blocks)")
     ax.invert_yaxis()

@@ -260,6 +260,20 @@ def plot_path(name: str) -> Path:
     return PLOTS_DIR / f"{name}.png"
 
 
+def log_axis(ax, axis: str = "x") -> None:
+    """Plain-number major labels and no minor labels on a log axis (they overlap otherwise)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    ticks = [m * 10.0**e for e in range(-6, 7) for m in (1, 2, 5) if lo <= m * 10.0**e <= hi]
+    if ticks:
+        (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks)
+        (ax.set_xlim if axis == "x" else ax.set_ylim)(lo, hi)
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(NullFormatter())
+
+
 def errbar(s: dict[str, Any], scale: float = 1.0) -> tuple[float, float, float]:
     """(median, lower error, upper error) for matplotlib from a summary."""
     m = s["median"] * scale
