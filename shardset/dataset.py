@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .format import check_int
 from .plan import EpochPlan, Segment
 from .store import BlockStore
 
@@ -76,10 +77,7 @@ class ShardedDataset(IterableDataset):
         fields: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-            raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+        batch_size, prefetch = check_int("batch_size", batch_size), check_int("prefetch", prefetch, 0)
         self.path = os.fspath(path)
         store = BlockStore.open(self.path)
         store.require_complete()

@@ -30,6 +30,7 @@ __all__ = [
     "FieldSpec",
     "Layout",
     "block_rows_for",
+    "check_int",
     "ranges_to_blocks",
     "blocks_to_ranges",
 ]
@@ -64,6 +65,14 @@ class FieldSpec:
     def of(cls, array: np.ndarray) -> "FieldSpec":
         """The spec of a batch or whole array whose first axis is rows."""
         return cls(np.dtype(array.dtype).name, tuple(int(s) for s in array.shape[1:]))
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an int if it is an integer (not a bool) >= ``minimum``, else ValueError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
 
 
 def block_rows_for(fields: Mapping[str, FieldSpec], block_mb: float = DEFAULT_BLOCK_MB) -> int:

@@ -125,7 +125,9 @@ class BlockStore:
         if overwrite and os.path.isdir(path):
             shutil.rmtree(path)
         try:
-            group = zarr.open_group(path, mode="w-" if not overwrite else "w")
+            # The attributes come first: from its first moment the group says it is an
+            # incomplete shardset store, never a plain (complete-looking) Zarr group.
+            group = zarr.open_group(path, mode="w-" if not overwrite else "w", attributes={ATTRS_KEY: layout.to_attrs()})
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
             raise StoreFormatError(f"{where} already exists; pass overwrite=True (--overwrite) to replace it") from None
         except OSError as exc:
@@ -142,7 +144,6 @@ class BlockStore:
                 fill_value=_fill_value(dtype),
                 config={"write_empty_chunks": True},
             )
-        group.attrs[ATTRS_KEY] = layout.to_attrs()
         bs = cls(group, layout, where)
         bs._sync_metadata()
         return bs

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .format import DEFAULT_BLOCK_MB, FieldSpec
+from .format import DEFAULT_BLOCK_MB, FieldSpec, check_int
 from .store import BlockStore
 from .writer import layout_for, open_for_writing, write_blocks
 
@@ -127,12 +127,9 @@ def generate_regression(
     attributes.  Parallel over ``workers`` processes (default: all cores),
     resumable by rerunning, and the same bytes whatever ``workers`` is.
     """
-    if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
-        raise ValueError(f"features must be a positive integer, got {features!r}")
+    features, seed = check_int("features", features), check_int("seed", seed, 0)
     if not np.isfinite(bias) or not np.isfinite(noise) or noise < 0:
         raise ValueError(f"bias must be finite and noise a finite value >= 0, got bias={bias}, noise={noise}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     w = default_weights(int(features), int(seed)) if weights is None else np.asarray(weights, dtype=np.float32).reshape(-1)
     if w.shape != (features,):
         raise ValueError(f"weights must have {features} entries, got {w.size}")

@@ -27,10 +27,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+import zarr
 from tqdm import tqdm
 
 from .errors import ShardsetError, StoreFormatError
-from .format import DEFAULT_BLOCK_MB, FieldSpec, Layout, block_rows_for
+from .format import ATTRS_KEY, DEFAULT_BLOCK_MB, FieldSpec, Layout, block_rows_for, check_int
 from .store import BlockStore, compressors_for
 
 __all__ = ["write", "write_blocks", "open_for_writing", "layout_for"]
@@ -48,14 +49,10 @@ def layout_for(
     generator: Mapping[str, Any] | None = None,
 ) -> Layout:
     """The :class:`Layout` for ``rows`` rows of ``fields`` (``block_rows`` overrides ``block_mb``)."""
-    if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
-        raise ValueError(f"rows must be a positive integer, got {rows!r}")
+    rows = check_int("rows", rows)
     by_size = block_rows_for(fields, block_mb)  # validates block_mb even when block_rows overrides it
-    if block_rows is None:
-        block_rows = by_size
-    elif isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) or block_rows < 1:
-        raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
-    return Layout(int(rows), int(min(block_rows, rows)), dict(fields), dict(generator or {}))
+    block_rows = by_size if block_rows is None else check_int("block_rows", block_rows)
+    return Layout(rows, min(block_rows, rows), dict(fields), dict(generator or {}))
 
 
 def open_for_writing(
@@ -71,6 +68,8 @@ def open_for_writing(
         try:
             store = BlockStore.open(path, mode="r+")
         except StoreFormatError as exc:
+            if _created_but_empty(path, layout):  # killed while creating: nothing to keep
+                return BlockStore.create(path, layout, compression=compression, checksum=checksum, overwrite=True)
             raise StoreFormatError(f"{exc}; pass overwrite=True (--overwrite) to replace it") from None
         old = store.layout
         if store.foreign or not old.same_shape(layout) or old.generator != layout.generator:
@@ -87,6 +86,16 @@ def open_for_writing(
         store.remove_partials()
         return store
     return BlockStore.create(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
+
+
+def _created_but_empty(path: str | os.PathLike, layout: Layout) -> bool:
+    """True for a store of this very layout whose creation was cut short before any block."""
+    try:
+        attrs = zarr.open_group(path, mode="r").attrs
+        old = Layout.from_attrs(attrs)
+    except Exception:
+        return False
+    return old.same_shape(layout) and old.generator == layout.generator and not attrs[ATTRS_KEY]["complete_blocks"]
 
 
 def write(
@@ -300,9 +309,7 @@ def _run_processes(store: BlockStore, make_block: BlockFn, todo: list[int], work
 def _resolve_workers(workers: int | None, nblocks: int) -> int:
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    return max(1, min(workers, nblocks))
+    return max(1, min(check_int("workers", workers), nblocks))
 
 
 # -- rebatching a stream of batches into blocks ----------------------------------

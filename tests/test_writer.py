@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,3 +203,21 @@ def test_killed_generate_resumes_to_identical_bytes(tmp_path):
     assert subprocess.run(cmd).returncode == 0
     assert not list(path.rglob("*.partial"))
     assert _digest(path) == _digest(ref)
+
+
+def test_store_killed_while_being_created_is_recreated(tmp_path):
+    kw = dict(rows=100, features=3, block_rows=50, workers=1)
+    shardset.generate_regression(tmp_path / "ref", **kw)
+    shardset.generate_regression(tmp_path / "r", **kw)
+    # Only the group metadata made it to disk: the arrays were never created.
+    for p in sorted((tmp_path / "r").iterdir()):
+        if p.is_dir():
+            shutil.rmtree(p)
+    meta = zarr.open_group(str(tmp_path / "r"), mode="r+")
+    attrs = dict(meta.attrs["shardset"])
+    attrs["complete_blocks"], attrs["complete"] = [], False
+    meta.attrs["shardset"] = attrs
+    with pytest.raises(StoreFormatError):
+        BlockStore.open(tmp_path / "r")
+    shardset.generate_regression(tmp_path / "r", **kw)
+    assert _digest(tmp_path / "r") == _digest(tmp_path / "ref")
