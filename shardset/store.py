@@ -27,7 +27,6 @@ import contextlib
 import os
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
