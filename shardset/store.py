@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import uuid
@@ -54,21 +53,12 @@ def compressors_for(compression: str | None, checksum: bool) -> list[Any]:
     elif compression == "lz4":
         from zarr.codecs.numcodecs import LZ4
 
-        with _numcodecs_quiet():
-            codecs.append(LZ4())
+        codecs.append(LZ4())  # zarr warns that it is outside the v3 spec; docs/format.md says so too
     elif compression is not None:
         raise ValueError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)} or none")
     if checksum:
         codecs.append(Crc32cCodec())
     return codecs
-
-
-@contextlib.contextmanager
-def _numcodecs_quiet():
-    """Silence zarr's note that numcodecs.lz4 is outside the v3 spec (docs/format.md says so)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
-        yield
 
 
 def _fill_value(dtype: np.dtype):
@@ -141,17 +131,16 @@ class BlockStore:
             raise StoreFormatError(f"cannot create a store at {where}: {exc.strerror or exc}") from None
         for name, spec in layout.fields.items():
             dtype = np.dtype(spec.dtype)
-            with _numcodecs_quiet():
-                group.create_array(
-                    name,
-                    shape=(layout.rows, *spec.shape),
-                    chunks=(layout.block_rows, *spec.shape),
-                    dtype=dtype,
-                    serializer=BytesCodec(endian="little") if dtype.itemsize > 1 else BytesCodec(endian=None),
-                    compressors=compressors,
-                    fill_value=_fill_value(dtype),
-                    config={"write_empty_chunks": True},
-                )
+            group.create_array(
+                name,
+                shape=(layout.rows, *spec.shape),
+                chunks=(layout.block_rows, *spec.shape),
+                dtype=dtype,
+                serializer=BytesCodec(endian="little") if dtype.itemsize > 1 else BytesCodec(endian=None),
+                compressors=compressors,
+                fill_value=_fill_value(dtype),
+                config={"write_empty_chunks": True},
+            )
         bs = cls(group, layout, where)
         bs._sync_metadata()
         return bs
