@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from batches import same_batches
 from torch.utils.data import DataLoader
 
 import shardset
@@ -75,25 +76,6 @@ def load(ds, num_workers: int, **kw) -> list:
 
 def batch_key(batch) -> tuple[int, ...]:
     return tuple(ids_of(batch).tolist())
-
-
-def same_batches(a, b) -> bool:
-    """Bitwise equality of two lists of batches (tuples or dicts), in order."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, dict) != isinstance(y, dict):
-            return False
-        if isinstance(x, dict):
-            if list(x) != list(y):
-                return False
-            x, y = list(x.values()), list(y.values())
-        if len(x) != len(y):
-            return False
-        for s, t in zip(x, y):
-            if s.dtype != t.dtype or s.shape != t.shape or not torch.equal(s, t):
-                return False
-    return True
 
 
 def assert_exactly_once(ids: np.ndarray, rows: int, world_size: int = 1) -> None:
