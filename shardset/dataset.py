@@ -100,6 +100,7 @@ class ShardedDataset(IterableDataset):
         self._store_pid = os.getpid()
         self._position: tuple[int, int] | None = None  # (epoch, batches handed out) of this consumer
         self._resume_at = 0  # batches to skip at the start of the next pass
+        self._in_worker = False
 
     # -- epochs and checkpoints ------------------------------------------------------
 
@@ -151,6 +152,7 @@ class ShardedDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._in_worker = info is not None
         if info is not None:
             _quiet_worker()
         plan = self.plan()
@@ -203,6 +205,8 @@ class ShardedDataset(IterableDataset):
             yield self._emit([torch.cat(parts) for parts in zip(*carry)])
 
     def _emit(self, tensors: list[torch.Tensor]) -> Batch:
+        if self._in_worker:  # own storage: a view would ship its whole 4 MiB chunk to the main process
+            tensors = [t.clone() for t in tensors]
         epoch, done = self._position
         self._position = (epoch, done + 1)
         return tuple(tensors) if self.as_tuple else dict(zip(self.fields, tensors))

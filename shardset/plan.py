@@ -2,8 +2,10 @@
 
 An epoch is one *stream* of all N rows: the blocks in the order of
 ``FeistelPermutation(num_blocks, seed, epoch)``, and inside each block the rows
-in the order of a second permutation keyed by the block id (domain
-``"record-order"``).  Rank ``r`` of ``W`` takes the contiguous slice
+in the order of ``torch.randperm`` with a generator keyed by
+``(seed, epoch, block)`` (a C loop that releases the GIL: as the row order of a
+whole block it ran 1.5x faster end to end than a vectorized Feistel evaluation,
+which holds the GIL between its many numpy calls and so stalls the consumer).  Rank ``r`` of ``W`` takes the contiguous slice
 ``[r * R, (r + 1) * R)`` of that stream with ``R = N // W`` (so at most W - 1
 rows are dropped and every rank gets the same count), cut into batches; the
 DataLoader workers of a rank split its batches into contiguous runs.  Contiguous
@@ -23,13 +25,14 @@ from functools import cached_property
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from .permutation import FeistelPermutation
 
 __all__ = ["EpochPlan", "Segment"]
 
 BLOCK_DOMAIN = "block-order"
-RECORD_DOMAIN = "record-order"
+_RECORD_KEY = 2  # spawn_key namespace of the row order (synthetic data uses 0 and 1)
 
 
 @dataclass(frozen=True)
@@ -134,5 +137,6 @@ class EpochPlan:
         if not self.shuffle:
             return np.arange(start, stop, dtype=np.int64)
         n = min(self.block_rows, self.rows - block * self.block_rows)
-        perm = FeistelPermutation(n, self.seed, self.epoch, domain=RECORD_DOMAIN, stream=block)
-        return perm.range(start, stop)
+        key = np.random.SeedSequence(self.seed, spawn_key=(_RECORD_KEY, self.epoch, block)).generate_state(1, np.uint64)
+        gen = torch.Generator().manual_seed(int(key[0]))
+        return torch.randperm(n, generator=gen).numpy()[start:stop]
