@@ -64,8 +64,8 @@ class FeistelPermutation:
         seed: user seed.
         epoch: epoch number; seed and epoch are hashed separately, so
             ``(seed, epoch + 1)`` and ``(seed + 1, epoch)`` are unrelated.
-        domain: a name that separates independent uses (the block order of
-            an epoch and the record order inside a block use different ones).
+        domain: a name that separates independent uses of one seed (the
+            reader's block order uses ``"block-order"``).
         stream: an extra integer key inside a domain (e.g. the block id).
 
     Calling the object maps positions to values; :meth:`inverse` maps back.
