@@ -46,21 +46,31 @@ NOTES = [
     "so generate+write figures are durable-write throughput: the page cache cannot absorb the writes. "
     "Each run starts from a deleted store (deletion not timed).",
     "GB/s of generate_regression counts stored bytes (chunk files incl. crc32c trailers and the padded last block) "
-    "over the wall time of the call, which includes creating the store and, for workers>1, spawning the worker "
-    "processes (each imports torch); 'excl. start-up' subtracts the measured import time of a fresh interpreter "
-    "(an estimate).",
-    "The generator limit is per core: one thread, one process, float32 into a preallocated, already touched buffer. "
+    "over the wall time of the call, which includes creating the store and, for workers>1, starting the worker "
+    "processes.",
+    "The generator limit is per core: float32 into a preallocated, already touched buffer, one thread per process; "
+    "'fastest per core' is, per round, the best of torch and numpy in this process and half the two-process aggregate "
+    "(this VM's per-process rates differ). "
     "generate_regression draws X and y with torch mt19937 normal_ and adds y += X w (addmm).",
     "memcpy GB/s counts the bytes copied once (memory traffic is twice that).",
+    "Two disk figures: --disk-gib (1 GiB) with one fsync at the end, and the main-run volume with an fsync every "
+    "block (what the writer does). On this VM a 1 GiB write is absorbed faster than several GiB are sustained, so "
+    "the sustained figure is the relevant limit for multi-GiB writes.",
     "Peak RSS is sampled every 50 ms with psutil over the driver process and its children; 'over baseline' "
-    "subtracts the RSS of a fresh interpreter that imported numpy, torch, zarr and shardset.",
-    "Ratios are given as ratio of medians [min-max of the per-round ratios]; each round measures every "
+    "subtracts the RSS of a fresh interpreter that imported numpy, torch, zarr and shardset (workers=1: of the "
+    "driver itself after those imports). Forked workers share pages with the parent, and RSS counts shared "
+    "pages in every process that maps them.",
+    "Ratios are the median of the per-round ratios [their min-max] (ratio of the medians in parentheses); verdicts "
+    "use the per-round median. Each round measures every "
     "figure once, back to back. Round 0 (warm-up) is discarded when --warmup 1: on this VM the first touch "
     "of fresh memory is several times slower than later use.",
 ]
 
 
 # -- the driver process (runs generate_regression) --------------------------------------
+
+
+GEN_KEY = "main thread: generate a block (normal_ X, y; addmm)"
 
 
 class _Timers:
@@ -103,7 +113,8 @@ def _instrument_writer(timers: _Timers):
         setattr(obj, name, wrapper)
         undo.append(lambda: setattr(obj, name, orig))
 
-    patch(syn.RegressionBlocks, "__call__", "main thread: generate a block (normal_ X, y; addmm)")
+    # the writer calls fill(block, out) into reused buffers when the source has it, else __call__
+    patch(syn.RegressionBlocks, "fill" if hasattr(syn.RegressionBlocks, "fill") else "__call__", GEN_KEY)
     patch(stm.BlockStore, "write_block", "writer thread: write_block total")
     patch(stm, "_writev_all", "writer thread: writev (copy into the page cache)")
     patch(stm, "_fsync_dir", "writer thread: fsync of directories")
@@ -389,7 +400,7 @@ def main(argv=None) -> dict[str, Any]:
         driver = Driver()
         main_rows = rows_for(args.gib, args.features, args.block_mb)
         store_path = str(root / "store.zarr")
-        keys = ["torch_normal", "numpy_normal", "gen_2proc", "memcpy", "disk_fsync", "w1", "w2", "load"]
+        keys = ["torch_normal", "numpy_normal", "gen_2proc", "memcpy", "disk_fsync", "disk_sustained", "w1", "w2", "load"]
         main_runs: dict[str, list] = {k: [] for k in keys}
         warm_runs: dict[str, list] = {k: [] for k in keys}
         disk_detail: list[dict] = []
@@ -405,6 +416,8 @@ def main(argv=None) -> dict[str, Any]:
                 rec["memcpy"] = limits.memcpy(args.gen_passes)
                 disk = common.fsync_write_bandwidth(root, int(args.disk_gib * GiB))
                 rec["disk_fsync"] = disk["gb_per_s"]
+                sustained = common.fsync_write_bandwidth(root, int(args.gib * GiB), fsync_every=args.block_mb * MiB)
+                rec["disk_sustained"] = sustained["gb_per_s"]
                 for w in (1, 2):
                     rec[f"w{w}"] = driver.run(
                         path=store_path, rows=main_rows, features=args.features, block_mb=args.block_mb, workers=w,
@@ -416,6 +429,7 @@ def main(argv=None) -> dict[str, Any]:
                 print(
                     f"[{tag}] torch normal_ {rec['torch_normal']:.3f} GB/s, numpy {rec['numpy_normal']:.3f}, "
                     f"2 procs {rec['gen_2proc']:.3f}, memcpy {rec['memcpy']:.2f}, disk+fsync {rec['disk_fsync']:.3f}, "
+                    f"sustained {rec['disk_sustained']:.3f}, "
                     f"gen+write w1 {gbs[1]:.3f} GB/s, w2 {gbs[2]:.3f} GB/s; other load {rec['load']['other_busy_cores']:.2f} cores",
                     flush=True,
                 )
@@ -423,7 +437,7 @@ def main(argv=None) -> dict[str, Any]:
                 for k in keys:
                     target[k].append(rec[k])
                 if r >= args.warmup:
-                    disk_detail.append(disk)
+                    disk_detail.append({"spec_1_fsync": disk, "sustained_fsync_per_block": sustained})
 
             sweep_runs: dict[str, list] = {}
             sweep_load: list[dict] = []
@@ -494,11 +508,12 @@ def _gbs(runs: list[dict], key: str = "stored_bytes") -> list[float]:
 
 def analyse(args, desc, baseline, driver_base_rss, main_runs, warm_runs, disk_detail, sweep_runs, sweep_cfgs, import_s, base_rss):
     w1, w2 = _gbs(main_runs["w1"]), _gbs(main_runs["w2"])
-    fastest = [max(a, b) for a, b in zip(main_runs["torch_normal"], main_runs["numpy_normal"])]
+    # the fastest per-core rate seen in the round: one thread in this process (torch, numpy)
+    # or half the aggregate of two processes generating at once
+    fastest = [max(a, b, c / 2) for a, b, c in zip(main_runs["torch_normal"], main_runs["numpy_normal"], main_runs["gen_2proc"])]
     block_bytes = main_runs["w1"][0]["block_bytes"]
-    res_limits = {k: summarize(main_runs[k]) for k in ("torch_normal", "numpy_normal", "gen_2proc", "memcpy", "disk_fsync")}
+    res_limits = {k: summarize(main_runs[k]) for k in ("torch_normal", "numpy_normal", "gen_2proc", "memcpy", "disk_fsync", "disk_sustained")}
     res_limits["fastest_generator_per_core"] = summarize(fastest)
-    w2_excl = [r["stored_bytes"] / max(1e-9, r["seconds"] - import_s) / GB for r in main_runs["w2"]]
 
     # memory, in blocks over the interpreter baseline
     def mem(runs, workers):
@@ -522,32 +537,36 @@ def analyse(args, desc, baseline, driver_base_rss, main_runs, warm_runs, disk_de
         "w2_over_w1": ratio_summary(w2, w1),
         "w2_over_disk_fsync": ratio_summary(w2, main_runs["disk_fsync"]),
         "w1_over_disk_fsync": ratio_summary(w1, main_runs["disk_fsync"]),
+        "w1_over_disk_sustained": ratio_summary(w1, main_runs["disk_sustained"]),
+        "w2_over_disk_sustained": ratio_summary(w2, main_runs["disk_sustained"]),
         "w2_over_gen_2proc": ratio_summary(w2, main_runs["gen_2proc"]),
         "gen_2proc_over_torch_1proc": ratio_summary(main_runs["gen_2proc"], main_runs["torch_normal"]),
     }
     mem1, mem2 = mem(main_runs["w1"], 1), mem(main_runs["w2"], 2)
-    disk_med = res_limits["disk_fsync"]["median"]
+    disk_med = min(res_limits["disk_fsync"]["median"], res_limits["disk_sustained"]["median"])
     w1_med = statistics.median(w1)
     disk_limited = disk_med is not None and 2 * w1_med > 0.9 * disk_med
     fastest_med = statistics.median(fastest)
     reachable = disk_med is None or disk_med >= 0.70 * fastest_med
     targets = {
         "w1_over_fastest_generator>=0.70": {
-            "value": ratios["w1_over_fastest_generator"]["of_medians"], "target": 0.70,
-            "verdict": common.verdict(ratios["w1_over_fastest_generator"]["of_medians"], 0.70),
+            "value": ratios["w1_over_fastest_generator"]["median"], "target": 0.70,
+            "verdict": common.verdict(ratios["w1_over_fastest_generator"]["median"], 0.70),
             "reachable_on_this_disk": reachable,
             "note": ("the disk's write+fsync bandwidth is at least 0.70 x the generator, so the target is reachable here"
                      if reachable else
-                     f"unreachable on this disk: write+fsync {disk_med:.3f} GB/s < 0.70 x generator {fastest_med:.3f} GB/s; "
-                     "compare workers=1 / disk write+fsync instead"),
+                     f"probably unreachable on this disk: its lower write+fsync figure {disk_med:.3f} GB/s is < 0.70 x the "
+                     f"generator {fastest_med:.3f} GB/s; compare workers=1 with the disk figures"),
         },
         "w2_over_w1>=1.6": {
-            "value": ratios["w2_over_w1"]["of_medians"], "target": 1.6,
-            "verdict": common.verdict(ratios["w2_over_w1"]["of_medians"], 1.6),
+            "value": ratios["w2_over_w1"]["median"], "target": 1.6,
+            "verdict": common.verdict(ratios["w2_over_w1"]["median"], 1.6),
             "disk_is_limit": disk_limited,
-            "note": ("2 x workers=1 exceeds 90% of the fsync write bandwidth, so the disk may be the limit; see w2_over_disk_fsync"
-                     if disk_limited else "the disk figure is above 2 x workers=1, so the disk is not the limit"),
-            "w2_over_disk_fsync": ratios["w2_over_disk_fsync"]["of_medians"],
+            "note": ("2 x workers=1 exceeds 90% of the (lower) disk write+fsync figure, so the disk may be the limit; "
+                     "see w2_over_disk_sustained" if disk_limited else
+                     "both disk figures are above 2 x workers=1, so the disk is not the limit"),
+            "w2_over_disk_fsync": ratios["w2_over_disk_fsync"]["median"],
+            "w2_over_disk_sustained": ratios["w2_over_disk_sustained"]["median"],
         },
         "rss_per_worker_blocks<3": {
             "value_w1": mem1["writer_process_peak_over_baseline_blocks"]["max"],
@@ -567,7 +586,6 @@ def analyse(args, desc, baseline, driver_base_rss, main_runs, warm_runs, disk_de
         "stored_bytes": main_runs["w1"][0]["stored_bytes"],
         "w1_gb_per_s": summarize(w1),
         "w2_gb_per_s": summarize(w2),
-        "w2_gb_per_s_excluding_startup_estimate": summarize(w2_excl),
         "w1_seconds": summarize([r["seconds"] for r in main_runs["w1"]]),
         "w2_seconds": summarize([r["seconds"] for r in main_runs["w2"]]),
         "memory_w1": mem1,
@@ -621,28 +639,32 @@ def print_report(res: dict[str, Any]) -> None:
             ["torch normal_ float32, 1 core (mt19937)", fmt(L["torch_normal"], digits=3)],
             ["numpy PCG64 standard_normal float32, 1 core", fmt(L["numpy_normal"], digits=3)],
             ["torch normal_, 2 processes at once (aggregate)", fmt(L["gen_2proc"], digits=3)],
+            ["fastest per core: max(torch, numpy, 2 processes / 2) per round", fmt(L["fastest_generator_per_core"], digits=3)],
             ["np.copyto 128 MiB", fmt(L["memcpy"], digits=2)],
-            ["sequential write 8 MiB pieces + fsync", fmt(L["disk_fsync"], digits=3)],
+            [f"sequential write 8 MiB pieces + fsync ({res['args']['disk_gib']:g} GiB, one fsync)", fmt(L["disk_fsync"], digits=3)],
+            [f"the same, {res['args']['gib']:g} GiB with an fsync every {res['args']['block_mb']} MiB (sustained, as the writer)",
+             fmt(L["disk_sustained"], digits=3)],
             [f"generate_regression workers=1 (d={g['features']}, {g['block_mb']} MB blocks, {g['stored_bytes'] / GiB:.2f} GiB)",
              fmt(g["w1_gb_per_s"], digits=3)],
             ["generate_regression workers=2", fmt(g["w2_gb_per_s"], digits=3)],
-            ["generate_regression workers=2, excl. start-up (estimate)", fmt(g["w2_gb_per_s_excluding_startup_estimate"], digits=3)],
         ],
         title="Write limits and generate+write throughput (stored bytes / wall time)",
     )
     notes = [T["w1_over_fastest_generator>=0.70"].get("note"), T["w2_over_w1>=1.6"].get("note")]
     print_table(
-        ["ratio (same run)", "of medians [per-round min-max]", "target", "verdict"],
+        ["ratio (same run)", "per-round median [min-max] (of medians)", "target", "verdict"],
         [
-            ["workers=1 / fastest generator (1 core)", fmt_ratio(R["w1_over_fastest_generator"]), ">= 0.70",
+            ["workers=1 / fastest generator per core", fmt_ratio(R["w1_over_fastest_generator"]), ">= 0.70",
              T["w1_over_fastest_generator>=0.70"]["verdict"]],
             ["workers=2 / workers=1", fmt_ratio(R["w2_over_w1"]), ">= 1.6 (unless disk-bound)", T["w2_over_w1>=1.6"]["verdict"]],
             ["workers=2 / disk write+fsync", fmt_ratio(R["w2_over_disk_fsync"]), "", ""],
             ["workers=1 / disk write+fsync", fmt_ratio(R["w1_over_disk_fsync"]), "", ""],
+            ["workers=2 / disk sustained", fmt_ratio(R["w2_over_disk_sustained"]), "", ""],
+            ["workers=1 / disk sustained", fmt_ratio(R["w1_over_disk_sustained"]), "", ""],
             ["workers=2 / generator with 2 processes", fmt_ratio(R["w2_over_gen_2proc"]), "", ""],
             ["generator 2 processes / 1 process", fmt_ratio(R["gen_2proc_over_torch_1proc"]), "", ""],
         ],
-        title="Ratios",
+        title="Ratios (verdicts on the median of the per-round ratios)",
     )
     for n in notes:
         if n:
@@ -693,7 +715,7 @@ def breakdown(runs: list[dict]) -> dict[str, Any]:
         "components_s": {k: summarize([get(r, k) for r in runs]) for k in keys},
         "calls": {k: runs[0]["timers"].get(k, {}).get("calls") for k in keys},
     }
-    gen = "main thread: generate a block (normal_ X, y; addmm)"
+    gen = GEN_KEY
     wb = "writer thread: write_block total"
     out["derived"] = {
         "generation GB/s (stored bytes / generation time)": summarize([r["stored_bytes"] / max(1e-9, get(r, gen)) / GB for r in runs]),
@@ -725,12 +747,13 @@ def plot(args, res: dict[str, Any]) -> None:
     items = [
         ("torch normal_ 1 core", L["torch_normal"]), ("numpy PCG64 1 core", L["numpy_normal"]),
         ("torch normal_ 2 procs", L["gen_2proc"]), ("memcpy", L["memcpy"]), ("disk write+fsync", L["disk_fsync"]),
+        ("disk sustained (fsync/block)", L["disk_sustained"]),
         ("generate_regression w=1", g["w1_gb_per_s"]), ("generate_regression w=2", g["w2_gb_per_s"]),
     ]
     ax = axes[0][0]
     vals = [common.errbar(s) for _, s in items]
     ax.barh([n for n, _ in items], [v[0] for v in vals], xerr=[[v[1] for v in vals], [v[2] for v in vals]],
-            color=["#999"] * 5 + ["#1f77b4", "#ff7f0e"], capsize=3)
+            color=["#999"] * 6 + ["#1f77b4", "#ff7f0e"], capsize=3)
     ax.set_xscale("log")
     common.log_axis(ax)
     ax.set_xlabel("GB/s (median, min-max)")

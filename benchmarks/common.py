@@ -107,7 +107,8 @@ def _git_state() -> dict[str, Any]:
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         )
-        return {"commit": head.stdout.strip() or None, "uncommitted_changes": bool(dirty.stdout.strip())}
+        changed = [line[3:] for line in dirty.stdout.splitlines() if line.strip()]
+        return {"commit": head.stdout.strip() or None, "uncommitted_changes": bool(changed), "changed_files": changed}
     except Exception:
         return {"commit": None, "uncommitted_changes": None}
 
@@ -194,11 +195,15 @@ def fmt(s: dict[str, Any] | None, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def fmt_ratio(s: dict[str, Any] | None, digits: int = 2) -> str:
-    """A ratio: of medians, with the min-max of the per-round ratios."""
-    if not s or s.get("of_medians") is None:
+    """A ratio from :func:`ratio_summary`: the median of the per-round ratios [their
+    min-max] (and, in parentheses, the ratio of the medians)."""
+    if not s or s.get("median") is None:
         return "-"
     f = f"{{:.{digits}f}}"
-    return f"{f.format(s['of_medians'])} [{f.format(s['min'])}-{f.format(s['max'])}]"
+    out = f"{f.format(s['median'])} [{f.format(s['min'])}-{f.format(s['max'])}]"
+    if s.get("of_medians") is not None:
+        out += f" ({f.format(s['of_medians'])})"
+    return out
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> str:
@@ -629,9 +634,11 @@ def direct_read(paths: Iterable[str | os.PathLike], piece: int = 8 * MiB) -> dic
     return {"bytes": total, "seconds": dt, "gb_per_s": total / dt / GB if dt else None}
 
 
-def fsync_write_bandwidth(directory: str | os.PathLike, total: int, piece: int = 8 * MiB) -> dict[str, Any]:
+def fsync_write_bandwidth(directory: str | os.PathLike, total: int, piece: int = 8 * MiB,
+                          fsync_every: int | None = None) -> dict[str, Any]:
     """Write ``total`` bytes of random data in ``piece``-byte ``os.write`` calls, then
-    fsync; the file is removed afterwards.  GB/s counts write + fsync."""
+    fsync (also after every ``fsync_every`` bytes if given, as a writer that makes each
+    block durable does); the file is removed afterwards.  GB/s counts write + fsync."""
     import numpy as np
 
     buf = np.random.default_rng(12345).integers(0, 256, piece, dtype=np.uint8)
@@ -639,18 +646,28 @@ def fsync_write_bandwidth(directory: str | os.PathLike, total: int, piece: int =
     path = Path(directory) / f"fsync-probe-{os.getpid()}.bin"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     written = 0
+    fsync_s = 0.0
     try:
         t0 = time.perf_counter()
+        since = 0
         while written < total:
             view = mv[: min(piece, total - written)]
             while len(view):
                 n = os.write(fd, view)
                 written += n
+                since += n
                 view = view[n:]
+            if fsync_every and since >= fsync_every and written < total:
+                a = time.perf_counter()
+                os.fsync(fd)
+                fsync_s += time.perf_counter() - a
+                since = 0
         t1 = time.perf_counter()
         os.fsync(fd)
         t2 = time.perf_counter()
+        fsync_s += t2 - t1
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
-    return {"bytes": written, "write_s": t1 - t0, "fsync_s": t2 - t1, "gb_per_s": written / (t2 - t0) / GB}
+    return {"bytes": written, "write_s": (t2 - t0) - fsync_s, "fsync_s": fsync_s, "fsync_every": fsync_every,
+            "gb_per_s": written / (t2 - t0) / GB}
