@@ -205,8 +205,8 @@ class ShardedDataset(IterableDataset):
             yield self._emit([torch.cat(parts) for parts in zip(*carry)])
 
     def _emit(self, tensors: list[torch.Tensor]) -> Batch:
-        if self._in_worker:  # own storage: a view would ship its whole 4 MiB chunk to the main process
-            tensors = [t.clone() for t in tensors]
+        if self._in_worker:
+            tensors = _packed(tensors)
         epoch, done = self._position
         self._position = (epoch, done + 1)
         return tuple(tensors) if self.as_tuple else dict(zip(self.fields, tensors))
@@ -272,6 +272,29 @@ class _BlockReader:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` that are views of one fresh storage.
+
+    A DataLoader worker sends each storage to the main process as a shared-memory
+    segment: a view of the gathered chunk would ship the whole chunk, and one
+    storage per field costs one segment per field (1.5x slower measured with two
+    workers, batch 1024, d = 16).
+    """
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    offsets, total = [], 0
+    for n in sizes:
+        total = -(-total // 8) * 8  # keep every field aligned for its dtype
+        offsets.append(total)
+        total += n
+    flat = torch.empty(total, dtype=torch.uint8)
+    out = []
+    for t, off, n in zip(tensors, offsets, sizes):
+        view = flat[off : off + n].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        out.append(view)
+    return out
 
 
 def _gather(block: np.ndarray, rows: np.ndarray) -> torch.Tensor:
