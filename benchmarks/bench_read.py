@@ -999,7 +999,8 @@ def plot(args, res: dict[str, Any]) -> None:
     names = list(W)
     vals = [common.errbar(W[n]["rows_per_s"], 1e-6) for n in names]
     ax = axes[0][0]
-    ax.barh(names, [v[0] for v in vals], xerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=3,
+    labels = [n.replace("diag: sd shuffle, ", "diag: ").replace("plain randperm row order", "randperm order") for n in names]
+    ax.barh(labels, [v[0] for v in vals], xerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=3,
             color=["#999" if n == "baseline" else ("#ff7f0e" if n.startswith("diag") else "#1f77b4") for n in names])
     ax.tick_params(axis="y", labelsize=7)
     ax.invert_yaxis()
