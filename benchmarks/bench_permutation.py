@@ -191,14 +191,7 @@ def main(argv=None) -> dict[str, Any]:
         )
 
     result = analyse(args, desc, cpu, cases, ref_rates, ref_n, total)
-    result["total_seconds"] = time.perf_counter() - started
-    path = common.save_json(args.name, result)
-    if not args.no_plot:
-        plot(args, result)
-    print(f"results: {path}")
-    if not args.no_plot:
-        print(f"plot:    {common.plot_path(args.name)}")
-    print(f"total time {result['total_seconds']:.0f} s")
+    common.finish(args, result, plot, started)
     return result
 
 

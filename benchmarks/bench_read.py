@@ -730,14 +730,7 @@ def main(argv=None) -> dict[str, Any]:
 
         result = analyse(args, desc, setup, warm_runs, warm_load, profile_runs, cold_runs, naive, mem_runs, baseline, logical,
                          chunk_bytes, block_bytes, rows)
-        result["total_seconds"] = time.perf_counter() - started
-        out = common.save_json(args.name, result)
-        if not args.no_plot:
-            plot(args, result)
-        print(f"results: {out}")
-        if not args.no_plot:
-            print(f"plot:    {common.plot_path(args.name)}")
-        print(f"total time {result['total_seconds']:.0f} s")
+        common.finish(args, result, plot, started)
         del torch
         return result
 

@@ -490,14 +490,7 @@ def main(argv=None) -> dict[str, Any]:
         ol = result["other_load_cores"]["median_main"]
         print(f"other programs on this machine used {fmt(ol)} cores (median [min-max] over the measured rounds) "
               f"of {desc['cpu_affinity_cores']}; see other_load_cores in the JSON")
-        result["total_seconds"] = time.perf_counter() - started
-        path = common.save_json(args.name, result)
-        if not args.no_plot:
-            plot(args, result)
-        print(f"results: {path}")
-        if not args.no_plot:
-            print(f"plot:    {common.plot_path(args.name)}")
-        print(f"total time {result['total_seconds']:.0f} s")
+        common.finish(args, result, plot, started)
         del torch
         return result
 

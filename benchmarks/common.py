@@ -671,3 +671,15 @@ def fsync_write_bandwidth(directory: str | os.PathLike, total: int, piece: int =
         path.unlink(missing_ok=True)
     return {"bytes": written, "write_s": (t2 - t0) - fsync_s, "fsync_s": fsync_s, "fsync_every": fsync_every,
             "gb_per_s": written / (t2 - t0) / GB}
+
+
+def finish(args, result: dict[str, Any], plot, started: float) -> dict[str, Any]:
+    """Record the total time, save the JSON, draw the PNG unless --no-plot, and say where."""
+    result["total_seconds"] = time.perf_counter() - started
+    path = save_json(args.name, result)
+    print(f"results: {path}")
+    if not args.no_plot:
+        plot(args, result)
+        print(f"plot:    {plot_path(args.name)}")
+    print(f"total time {result['total_seconds']:.0f} s")
+    return result
