@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Mapping, Sequence
@@ -36,9 +37,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .format import check_int
-from .plan import EpochPlan, Segment
-from .store import BlockStore
+from .errors import CorruptBlockError
+from .format import MIB, check_int
+from .plan import EpochPlan, Piece
+from .store import CRC_BYTES, BlockStore
 
 __all__ = ["ShardedDataset"]
 
@@ -57,10 +59,19 @@ class ShardedDataset(IterableDataset):
         seed: the shuffle seed (with the epoch it determines the whole order).
         drop_last: drop each rank's final partial batch.
         rank, world_size: default to ``torch.distributed`` when initialized, else 0 and 1.
-        prefetch: blocks read ahead on a background thread (memory is about
-            ``1 + prefetch`` blocks per consumer).
+        prefetch: blocks read ahead on background threads (memory is about
+            ``window + prefetch`` blocks per consumer).
         fields: the fields to read, in output order (default: all). Batches are
             ``(X, y)`` tuples when the fields are exactly X and y, else dicts.
+        window_blocks: mix the rows of this many consecutive blocks of the epoch's
+            order (1: shuffle inside each block only).  See :mod:`shardset.plan`.
+        window_mb: alternatively, the largest window that fits this many MiB of
+            the fields read.
+        on_error: ``"raise"`` (default) stops at a block that fails its checks;
+            ``"skip"`` warns and replaces its rows with those of the next readable
+            block, so every rank still yields the same batches.
+        allow_incomplete: stream only the complete blocks of a store that is
+            still being written (the stream is fixed when the dataset is made).
     """
 
     def __init__(
@@ -75,22 +86,35 @@ class ShardedDataset(IterableDataset):
         world_size: int | None = None,
         prefetch: int = 1,
         fields: Sequence[str] | None = None,
+        window_blocks: int | None = None,
+        window_mb: float | None = None,
+        on_error: str = "raise",
+        allow_incomplete: bool = False,
     ) -> None:
         super().__init__()
         batch_size, prefetch = check_int("batch_size", batch_size), check_int("prefetch", prefetch, 0)
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.path = os.fspath(path)
         store = BlockStore.open(self.path)
-        store.require_complete()
+        self.blocks: tuple[int, ...] | None = None
+        if allow_incomplete:
+            if store.missing_blocks():
+                self.blocks = tuple(sorted(store.complete_blocks()))
+        else:
+            store.require_complete()
         self.layout = store.layout
         self.fields = list(self.layout.fields) if fields is None else list(fields)
         unknown = [f for f in self.fields if f not in self.layout.fields]
         if unknown or not self.fields:
             raise ValueError(f"unknown fields {unknown}; the store has {list(self.layout.fields)}")
         self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), int(seed)
-        self.drop_last, self.prefetch = bool(drop_last), prefetch
+        self.drop_last, self.prefetch, self.on_error = bool(drop_last), prefetch, on_error
+        self.window_blocks = self._window(window_blocks, window_mb)
         self.rank, self.world_size = _resolve_rank(rank, world_size)
-        if self.layout.rows < self.world_size:
-            raise ValueError(f"{self.layout.rows} rows cannot be split across {self.world_size} ranks")
+        rows = self.plan(0).stream_rows
+        if rows < self.world_size:
+            raise ValueError(f"{rows} rows cannot be split across {self.world_size} ranks")
         self.as_tuple = sorted(self.fields) == ["X", "y"]
         # [epoch, consumers finished with it]; shared so DataLoader workers (persistent
         # or not) and the main process agree on the epoch.
@@ -114,12 +138,23 @@ class ShardedDataset(IterableDataset):
             self._shared[0], self._shared[1] = int(epoch), 0
         self._position, self._resume_at = None, 0
 
+    def _window(self, blocks: int | None, mb: float | None) -> int:
+        if blocks is not None and mb is not None:
+            raise ValueError("give window_blocks or window_mb, not both")
+        if mb is None:
+            return 1 if blocks is None else check_int("window_blocks", blocks)
+        if not mb > 0:
+            raise ValueError(f"window_mb must be positive, got {mb}")
+        block_bytes = self.layout.block_rows * sum(self.layout.fields[f].row_bytes for f in self.fields)
+        return max(1, int(mb * MIB) // block_bytes)
+
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """This rank's :class:`EpochPlan` for ``epoch`` (default: the current one)."""
         return EpochPlan(
             rows=self.layout.rows, block_rows=self.layout.block_rows, batch_size=self.batch_size,
             seed=self.seed, epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
             drop_last=self.drop_last, rank=self.rank, world_size=self.world_size,
+            window_blocks=self.window_blocks, blocks=self.blocks,
         )
 
     def __len__(self) -> int:
@@ -145,6 +180,8 @@ class ShardedDataset(IterableDataset):
         return {
             "seed": self.seed, "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,
             "shuffle": self.shuffle, "drop_last": self.drop_last, "rows": self.layout.rows,
+            "window_blocks": self.window_blocks,
+            "blocks": self.layout.num_blocks if self.blocks is None else len(self.blocks),
         }
 
     # -- iteration ------------------------------------------------------------------
@@ -163,7 +200,7 @@ class ShardedDataset(IterableDataset):
         return self._batches(plan, first, last, num_workers)
 
     def _batches(self, plan: EpochPlan, first: int, last: int, num_workers: int) -> Iterator[Batch]:
-        reader = _BlockReader(self._open(), plan, self.fields, plan.segments(first, last), self.prefetch)
+        reader = _BlockReader(self._open(), plan, self.fields, plan.pieces(first, last), self.prefetch, self.on_error)
         try:
             yield from self._assemble(reader)
         finally:
@@ -171,22 +208,22 @@ class ShardedDataset(IterableDataset):
         self._finish_epoch(plan.epoch, num_workers)
 
     def _assemble(self, reader: "_BlockReader") -> Iterator[Batch]:
-        """Cut the stream of permuted block pieces into batches.
+        """Cut the stream of pieces into batches.
 
         Rows are gathered ``GATHER_ROWS`` at a time (one gather per field amortizes
         the call and keeps the output in cache) into a fresh tensor that the
         batches view; a batch never aliases a reused block buffer. A batch that
-        spans two blocks is concatenated from its two pieces.
+        spans two pieces is concatenated from its two parts.
         """
         bs = self.batch_size
         chunk = max(1, GATHER_ROWS // bs) * bs
         carry: list[list[torch.Tensor]] = []
         have = 0
-        for blocks, order in reader:
-            pos, n = 0, len(order)
-            if have:  # finish the batch that started in the previous block
+        for rings, index in reader:
+            pos, n = 0, len(index)
+            if have:  # finish the batch that started in the previous piece
                 pos = min(bs - have, n)
-                carry.append([_gather(blocks[f], order[:pos]) for f in self.fields])
+                carry.append([_gather(rings[f], index[:pos]) for f in self.fields])
                 have += pos
                 if have < bs:
                     continue
@@ -194,11 +231,11 @@ class ShardedDataset(IterableDataset):
                 carry, have = [], 0
             while pos < n:
                 stop = min(pos + chunk, n)
-                gathered = [_gather(blocks[f], order[pos:stop]) for f in self.fields]
+                gathered = [_gather(rings[f], index[pos:stop]) for f in self.fields]
                 full = (stop - pos) // bs * bs
                 for lo in range(0, full, bs):
                     yield self._emit([g[lo : lo + bs] for g in gathered])
-                if full < stop - pos:  # only the block's last chunk can leave a remainder
+                if full < stop - pos:  # only the piece's last chunk can leave a remainder
                     carry, have = [[g[full:] for g in gathered]], stop - pos - full
                 pos = stop
         if have:
@@ -233,45 +270,110 @@ class ShardedDataset(IterableDataset):
 
 
 class _BlockReader:
-    """Load blocks ahead of the consumer on a small thread pool.
+    """Load the blocks a consumer's pieces need, ahead of the consumer.
 
-    A load reads every field's chunk into a free buffer set, verifies it and
-    computes the row order for the segment.  Up to ``prefetch`` loads run at once
-    (with 2 or more, one block's read overlaps another's checksum and order), and
-    there are ``1 + prefetch`` buffer sets, so memory stays at about that many
-    blocks.  Iterating yields ``(tensors by field, row order)`` in segment order;
-    a block's buffers are reused once the consumer asks for the next block.
+    Blocks go into a ring of ``window + prefetch`` slots per field, one array per
+    field, so a stage that mixes several blocks is gathered with one ``np.take``.
+    Reads run on ``max(1, prefetch)`` I/O threads; row orders and each piece's
+    gather index are computed on a separate thread, so neither waits for the
+    other (both release the GIL).  A block's slot is reused once the consumer is
+    past the last stage that needs it.  Iterating yields ``(ring rows by field,
+    gather index)`` per piece, in stream order.
     """
 
-    def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], segments, prefetch: int) -> None:
-        self.store, self.plan, self.fields = store, plan, fields
-        self.segments: Iterator[Segment] = iter(segments)
-        self.free = [{f: store.new_buffer(f) for f in fields} for _ in range(1 + prefetch)]
-        self.pool = ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="shardset-read")
-        self.loading: deque[Future] = deque()
+    def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], pieces, prefetch: int,
+                 on_error: str) -> None:
+        self.store, self.plan, self.fields, self.on_error = store, plan, fields, on_error
+        self.pieces: list[Piece] = list(pieces)
+        self.window = plan.window
+        slots = self.window + prefetch
+        layout = store.layout
+        # one slot = the same number of rows in every field, with room for the crc trailer
+        self.slot_rows = max(-(-(store.block_nbytes(f) + CRC_BYTES) // layout.fields[f].row_bytes) for f in fields)
+        self.stride, self.rings, self.raw = {}, {}, {}
+        for f in fields:
+            spec = layout.fields[f]
+            self.stride[f] = self.slot_rows * spec.row_bytes
+            self.raw[f] = np.empty(slots * self.stride[f], dtype=np.uint8)
+            self.rings[f] = self.raw[f].view(spec.dtype).reshape(slots * self.slot_rows, *spec.shape)
+        self.free = list(range(slots))[::-1]
+        self.io = ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="shardset-read")
+        self.cpu = ThreadPoolExecutor(1, thread_name_prefix="shardset-order")
+        self.slot_of: dict[int, int] = {}  # visit index -> slot
+        self.loads: dict[int, Future] = {}
+        self.orders: dict[int, Future] = {}  # block id -> its row order
+        self.indices: deque[Future] = deque()
+        self.indexed = 0  # pieces whose gather index has been submitted
+        if self.pieces:
+            self.next_k = max(0, self.pieces[0].stage - self.window + 1)
+            self.last_k = min(self.pieces[-1].stage, plan.num_blocks - 1)
+        else:
+            self.next_k, self.last_k = 0, -1
 
-    def _load(self, seg: Segment, bufs: dict[str, np.ndarray]):
-        blocks = {f: self.store.read_block(f, seg.block, bufs[f]) for f in self.fields}
-        return blocks, self.plan.record_order(seg.block, seg.start, seg.stop), bufs
+    def _load(self, k: int, slot: int) -> None:
+        block = self.plan.block_at(k)
+        try:
+            self._read(block, slot)
+        except CorruptBlockError as err:
+            if self.on_error != "skip":
+                raise
+            self._substitute(k, block, slot, err)
 
-    def _submit(self) -> None:
-        while self.free:
-            seg = next(self.segments, None)
-            if seg is None:
+    def _read(self, block: int, slot: int) -> None:
+        for f in self.fields:
+            at = slot * self.stride[f]
+            self.store.read_block(f, block, self.raw[f][at : at + self.stride[f]])
+
+    def _substitute(self, k: int, block: int, slot: int, err: CorruptBlockError) -> None:
+        """Fill ``slot`` with the next readable block of the visit order that has at
+        least as many rows, so batch counts stay equal on every rank."""
+        plan = self.plan
+        for j in range(1, plan.num_blocks):
+            other = plan.block_at((k + j) % plan.num_blocks)
+            if plan.block_size(other) < plan.block_size(block):
+                continue
+            try:
+                self._read(other, slot)
+            except CorruptBlockError:
+                continue
+            warnings.warn(f"skipping block {block}: {err}; its rows are replaced by those of block {other}",
+                          RuntimeWarning, stacklevel=2)
+            return
+        raise err
+
+    def _advance(self) -> None:
+        plan = self.plan
+        while self.free and self.next_k <= self.last_k:
+            k, slot = self.next_k, self.free.pop()
+            self.slot_of[k] = slot
+            self.loads[k] = self.io.submit(self._load, k, slot)
+            block = plan.block_at(k)
+            self.orders[block] = self.cpu.submit(plan.block_order, block)
+            self.next_k += 1
+        while self.indexed < len(self.pieces):
+            piece = self.pieces[self.indexed]
+            if min(piece.stage, plan.num_blocks - 1) >= self.next_k:
                 return
-            self.loading.append(self.pool.submit(self._load, seg, self.free.pop()))
+            base = {b: self.slot_of[k] * self.slot_rows for b, k, _, _ in plan.members(piece.stage)}
+            orders = {b: self.orders[b] for b in base}
+            self.indices.append(self.cpu.submit(
+                plan.piece_index, piece, base.__getitem__, lambda b, orders=orders: orders[b].result()))
+            self.indexed += 1
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-        while True:
-            self._submit()
-            if not self.loading:
-                return
-            blocks, order, bufs = self.loading.popleft().result()
-            yield blocks, order
-            self.free.append(bufs)
+        for piece in self.pieces:
+            self._advance()
+            index = self.indices.popleft().result()
+            for _, k, _, _ in self.plan.members(piece.stage):
+                self.loads[k].result()
+            yield self.rings, index
+            for k in [k for k in self.slot_of if k + self.window - 1 <= piece.stage]:
+                self.free.append(self.slot_of.pop(k))
+                del self.loads[k], self.orders[self.plan.block_at(k)]
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.io.shutdown(wait=True, cancel_futures=True)
+        self.cpu.shutdown(wait=True, cancel_futures=True)
 
 
 def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

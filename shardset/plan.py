@@ -1,20 +1,30 @@
-"""Which rows each consumer reads in an epoch, computed in O(1) from (seed, epoch).
+"""Which rows each consumer reads in an epoch, computed from (seed, epoch) alone.
 
-An epoch is one *stream* of all N rows: the blocks in the order of
-``FeistelPermutation(num_blocks, seed, epoch)``, and inside each block the rows
-in the order of ``torch.randperm`` with a generator keyed by
-``(seed, epoch, block)`` (a C loop that releases the GIL: as the row order of a
-whole block it ran 1.5x faster end to end than a vectorized Feistel evaluation,
-which holds the GIL between its many numpy calls and so stalls the consumer).  Rank ``r`` of ``W`` takes the contiguous slice
-``[r * R, (r + 1) * R)`` of that stream with ``R = N // W`` (so at most W - 1
-rows are dropped and every rank gets the same count), cut into batches; the
-DataLoader workers of a rank split its batches into contiguous runs.  Contiguous
-slices keep read amplification to the blocks that straddle two consumers.
+An epoch is one *stream* of all rows.  The blocks are visited in the order of
+``FeistelPermutation(num_blocks, seed, epoch)``; block ``k`` of that order has its
+rows permuted by ``torch.randperm`` keyed by ``(seed, epoch, block)`` (a C loop
+that releases the GIL, so it overlaps the consumer; as the order of a whole
+block it ran 1.5x faster end to end than a vectorized Feistel evaluation).
+
+With a shuffle window of ``W`` blocks the stream is cut into *stages*: visited
+block ``k`` splits its permuted rows into ``W`` near-equal parts and hands part
+``s`` to stage ``k + s``, so stage ``t`` mixes one part of each of the ``W``
+blocks ``t - W + 1 .. t`` (permuted together by a second ``randperm`` keyed by
+``(seed, epoch, stage)``).  A block is needed for ``W`` consecutive stages and
+then retired, so a reader holds ``W`` blocks and still loads one block per
+block's worth of output: the window costs memory, not I/O.  ``W = 1`` is the
+plain block shuffle (stage ``t`` is block ``t``'s rows in its own order).
+
+Rank ``r`` of ``R`` takes the contiguous slice ``[r * n, (r + 1) * n)`` of the
+stream with ``n = rows // R`` (at most R - 1 rows are dropped and every rank gets
+the same count), cut into batches; the DataLoader workers of a rank split its
+batches into contiguous runs.  Contiguous slices keep read amplification to the
+blocks a stage boundary shares between two consumers.
 
 Example:
     >>> from shardset.plan import EpochPlan
     >>> p = EpochPlan(rows=10, block_rows=4, batch_size=3, seed=0, epoch=0)
-    >>> p.num_batches, [(s.block, s.stop - s.start) for s in p.segments(0, p.num_batches)]
+    >>> p.num_batches, [(p.members(q.stage)[0][0], q.stop - q.start) for q in p.pieces(0, p.num_batches)]
     (4, [(1, 4), (2, 2), (0, 4)])
 """
 
@@ -22,31 +32,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .permutation import FeistelPermutation
 
-__all__ = ["EpochPlan", "Segment"]
+__all__ = ["EpochPlan", "Piece"]
 
 BLOCK_DOMAIN = "block-order"
-_RECORD_KEY = 2  # spawn_key namespace of the row order (synthetic data uses 0 and 1)
+# spawn_key namespaces (synthetic data uses 0 and 1)
+_ROW_KEY, _STAGE_KEY = 2, 3
 
 
 @dataclass(frozen=True)
-class Segment:
-    """Rows ``[start, stop)`` of ``block`` in its epoch order (positions, not row ids)."""
+class Piece:
+    """Positions ``[start, stop)`` of stage ``stage`` (positions, not row ids)."""
 
-    block: int
+    stage: int
     start: int
     stop: int
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """The epoch's stream and one consumer's share of it (batches ``[first, last)``)."""
+    """The epoch's stream and one consumer's share of it (batches ``[first, last)``).
+
+    ``blocks`` restricts the stream to those block ids (for example the complete
+    blocks of a store still being written); by default every block is in it.
+    """
 
     rows: int
     block_rows: int
@@ -57,20 +72,39 @@ class EpochPlan:
     drop_last: bool = False
     rank: int = 0
     world_size: int = 1
+    window_blocks: int = 1
+    blocks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+        if self.window_blocks < 1:
+            raise ValueError(f"window_blocks must be a positive integer, got {self.window_blocks}")
+
+    # -- sizes ----------------------------------------------------------------------
+
+    @cached_property
+    def _ids(self) -> np.ndarray | None:
+        return None if self.blocks is None else np.asarray(sorted(self.blocks), dtype=np.int64)
 
     @property
     def num_blocks(self) -> int:
-        return -(-self.rows // self.block_rows)
+        """Blocks in the stream."""
+        return -(-self.rows // self.block_rows) if self._ids is None else len(self._ids)
+
+    def block_size(self, block: int) -> int:
+        """Rows of block id ``block``."""
+        return min(self.block_rows, self.rows - block * self.block_rows)
+
+    @cached_property
+    def stream_rows(self) -> int:
+        return self.offset(self.num_stages)
 
     @property
     def rank_rows(self) -> int:
-        return self.rows // self.world_size
+        return self.stream_rows // self.world_size
 
     @property
     def num_batches(self) -> int:
@@ -89,7 +123,12 @@ class EpochPlan:
         end = self.rank_rows if not self.drop_last else self.num_batches * self.batch_size
         return base + min(first * self.batch_size, end), base + min(last * self.batch_size, end)
 
-    # -- the stream -----------------------------------------------------------------
+    # -- the visit order --------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """The effective window: 1 without shuffling, never more than the blocks."""
+        return 1 if not self.shuffle else max(1, min(self.window_blocks, self.num_blocks))
 
     @cached_property
     def _order(self) -> FeistelPermutation | None:
@@ -97,46 +136,117 @@ class EpochPlan:
             return None
         return FeistelPermutation(self.num_blocks, self.seed, self.epoch, domain=BLOCK_DOMAIN)
 
-    @cached_property
-    def _short(self) -> tuple[int, int]:
-        """(stream index of the short last block, rows it lacks)."""
-        last = self.num_blocks - 1
-        deficit = self.num_blocks * self.block_rows - self.rows
-        k = last if self._order is None else int(self._order.inverse(last))
-        return k, deficit
-
     def block_at(self, k: int) -> int:
         """Block id visited ``k``-th in this epoch."""
-        return k if self._order is None else int(self._order(k))
+        v = k if self._order is None else int(self._order(k))
+        return v if self._ids is None else int(self._ids[v])
 
-    def offset(self, k: int) -> int:
-        """Stream position where the ``k``-th visited block starts."""
+    @cached_property
+    def _short(self) -> tuple[int, int]:
+        """(visit index of the short last block, rows it lacks); (-1, 0) if none is in the stream."""
+        last = -(-self.rows // self.block_rows) - 1
+        deficit = (last + 1) * self.block_rows - self.rows
+        if self._ids is None:
+            v = last
+        elif len(self._ids) and self._ids[-1] == last:
+            v = len(self._ids) - 1
+        else:
+            return -1, 0
+        return (v if self._order is None else int(self._order.inverse(v))), deficit
+
+    def _visit_size(self, k: int) -> int:
         ks, deficit = self._short
-        return k * self.block_rows - (deficit if k > ks else 0)
+        return self.block_rows - (deficit if k == ks else 0)
 
-    def visit_index(self, pos: int) -> int:
-        """Index ``k`` of the visited block holding stream position ``pos``."""
-        k = pos // self.block_rows
-        while self.offset(k + 1) <= pos:
-            k += 1
-        return k
+    # -- stages -----------------------------------------------------------------------
 
-    def segments(self, first: int, last: int) -> Iterator[Segment]:
-        """The block pieces, in stream order, that batches ``[first, last)`` of this rank need."""
+    @property
+    def num_stages(self) -> int:
+        return self.num_blocks + self.window - 1 if self.num_blocks else 0
+
+    def _cut(self, n: int, s: int) -> int:
+        """Rows of an ``n``-row block in its parts before part ``s``."""
+        return s * n // self.window
+
+    def offset(self, t: int) -> int:
+        """Stream position where stage ``t`` starts (``t = num_stages`` gives the total)."""
+        w, m, b = self.window, self.num_blocks, self.block_rows
+        total = min(max(t - w + 1, 0), m) * b  # blocks whose every part is before stage t
+        total += sum(self._cut(b, t - k) for k in range(max(0, t - w + 1), min(t, m - 1) + 1))
+        ks, deficit = self._short
+        if ks >= 0:
+            c = min(max(t - ks, 0), w)
+            total -= self._cut(b, c) - self._cut(b - deficit, c)
+        return total
+
+    def stage_of(self, pos: int) -> int:
+        """The stage holding stream position ``pos``."""
+        lo, hi = 0, self.num_stages - 1
+        while lo < hi:  # last stage starting at or before pos
+            mid = (lo + hi + 1) // 2
+            if self.offset(mid) <= pos:
+                lo = mid
+            else:
+                hi = mid - 1
+        while self.offset(lo + 1) <= pos:  # skip empty stages
+            lo += 1
+        return lo
+
+    def members(self, t: int) -> list[tuple[int, int, int, int]]:
+        """``(block, visit index, lo, hi)`` for each block feeding stage ``t``: its
+        rows at positions ``[lo, hi)`` of the block's own order, in visit order."""
+        out = []
+        for k in range(max(0, t - self.window + 1), min(t, self.num_blocks - 1) + 1):
+            n = self._visit_size(k)
+            out.append((self.block_at(k), k, self._cut(n, t - k), self._cut(n, t - k + 1)))
+        return out
+
+    def pieces(self, first: int, last: int) -> Iterator[Piece]:
+        """The stage pieces, in stream order, that batches ``[first, last)`` of this rank need."""
         a, b = self.batch_rows(first, last)
         if a >= b:
             return
-        k = self.visit_index(a)
-        while self.offset(k) < b:
-            lo, hi = self.offset(k), self.offset(k + 1)
-            yield Segment(self.block_at(k), max(a, lo) - lo, min(b, hi) - lo)
-            k += 1
+        t = self.stage_of(a)
+        while self.offset(t) < b:
+            lo, hi = self.offset(t), self.offset(t + 1)
+            if hi > lo:
+                yield Piece(t, max(a, lo) - lo, min(b, hi) - lo)
+            t += 1
 
-    def record_order(self, block: int, start: int, stop: int) -> np.ndarray:
-        """Row ids inside ``block`` at its epoch positions ``[start, stop)`` (int64)."""
-        if not self.shuffle:
-            return np.arange(start, stop, dtype=np.int64)
-        n = min(self.block_rows, self.rows - block * self.block_rows)
-        key = np.random.SeedSequence(self.seed, spawn_key=(_RECORD_KEY, self.epoch, block)).generate_state(1, np.uint64)
-        gen = torch.Generator().manual_seed(int(key[0]))
-        return torch.randperm(n, generator=gen).numpy()[start:stop]
+    # -- row orders -------------------------------------------------------------------
+
+    def _randperm(self, n: int, key: Sequence[int]) -> np.ndarray:
+        state = np.random.SeedSequence(self.seed, spawn_key=tuple(key)).generate_state(1, np.uint64)
+        gen = torch.Generator().manual_seed(int(state[0]))
+        dtype = torch.int32 if n < 2**31 else torch.int64
+        return torch.randperm(n, generator=gen, dtype=dtype).numpy()
+
+    def block_order(self, block: int) -> np.ndarray:
+        """Row ids of ``block`` in their epoch order (positions split into the block's parts)."""
+        n = self.block_size(block)
+        return np.arange(n, dtype=np.int64) if not self.shuffle else self._randperm(n, (_ROW_KEY, self.epoch, block))
+
+    def stage_mix(self, t: int, n: int) -> np.ndarray | None:
+        """The order that mixes the ``n`` rows of stage ``t`` (``None``: keep them as they are)."""
+        return None if self.window == 1 else self._randperm(n, (_STAGE_KEY, self.epoch, t))
+
+    def piece_index(
+        self,
+        piece: Piece,
+        base: Callable[[int], int] | None = None,
+        block_order: Callable[[int], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """``base(block) + row`` for every position of ``piece`` (int64).
+
+        With the default ``base`` (``block * block_rows``) this is the global row id;
+        a reader passes where each block sits in its buffers, and a cache of
+        :meth:`block_order`.
+        """
+        base = base or (lambda block: block * self.block_rows)
+        order = block_order or self.block_order
+        members = self.members(piece.stage)
+        if len(members) == 1:
+            block, _, lo, _ = members[0]
+            return order(block)[lo + piece.start : lo + piece.stop].astype(np.int64) + base(block)
+        stage = np.concatenate([order(block)[lo:hi].astype(np.int64) + base(block) for block, _, lo, hi in members])
+        return stage[self.stage_mix(piece.stage, len(stage))[piece.start : piece.stop]]

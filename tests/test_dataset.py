@@ -258,7 +258,7 @@ def test_blocks_are_visited_in_feistel_order(id_store):
         pos = 0
         for block in want:
             n = min(block_rows, N - block * block_rows)
-            np.testing.assert_array_equal(ids[pos : pos + n], block * block_rows + plan.record_order(block, 0, n))
+            np.testing.assert_array_equal(ids[pos : pos + n], block * block_rows + plan.block_order(block))
             pos += n
     assert ds.epoch == 3
 
