@@ -9,11 +9,16 @@ block it ran 1.5x faster end to end than a vectorized Feistel evaluation).
 With a shuffle window of ``W`` blocks the stream is cut into *stages*: visited
 block ``k`` splits its permuted rows into ``W`` near-equal parts and hands part
 ``s`` to stage ``k + s``, so stage ``t`` mixes one part of each of the ``W``
-blocks ``t - W + 1 .. t`` (permuted together by a second ``randperm`` keyed by
-``(seed, epoch, stage)``).  A block is needed for ``W`` consecutive stages and
-then retired, so a reader holds ``W`` blocks and still loads one block per
-block's worth of output: the window costs memory, not I/O.  ``W = 1`` is the
-plain block shuffle (stage ``t`` is block ``t``'s rows in its own order).
+blocks ``t - W + 1 .. t``.  The parts are merged in proportion to their sizes
+(part ``j``'s ``i``-th row goes where ``(i + u_j) / n_j`` falls among all the
+parts' keys, ``u_j`` drawn from ``(seed, epoch, stage)``), so every batch draws
+on all ``W`` blocks evenly: each part is already a uniformly random sample of its
+block in random order, and merging costs a cheap merge of ``W`` sorted runs
+instead of a second permutation of the stage.  A block is needed for ``W``
+consecutive stages and then retired, so a reader holds ``W`` blocks and still
+loads one block per block's worth of output: the window costs memory, not I/O.
+``W = 1`` is the plain block shuffle (stage ``t`` is block ``t``'s rows in its
+own order).
 
 Rank ``r`` of ``R`` takes the contiguous slice ``[r * n, (r + 1) * n)`` of the
 stream with ``n = rows // R`` (at most R - 1 rows are dropped and every rank gets
@@ -215,20 +220,22 @@ class EpochPlan:
 
     # -- row orders -------------------------------------------------------------------
 
-    def _randperm(self, n: int, key: Sequence[int]) -> np.ndarray:
-        state = np.random.SeedSequence(self.seed, spawn_key=tuple(key)).generate_state(1, np.uint64)
-        gen = torch.Generator().manual_seed(int(state[0]))
-        dtype = torch.int32 if n < 2**31 else torch.int64
-        return torch.randperm(n, generator=gen, dtype=dtype).numpy()
-
     def block_order(self, block: int) -> np.ndarray:
         """Row ids of ``block`` in their epoch order (positions split into the block's parts)."""
         n = self.block_size(block)
-        return np.arange(n, dtype=np.int64) if not self.shuffle else self._randperm(n, (_ROW_KEY, self.epoch, block))
+        if not self.shuffle:
+            return np.arange(n, dtype=np.int64)
+        seq = np.random.SeedSequence(self.seed, spawn_key=(_ROW_KEY, self.epoch, block))
+        gen = torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0]))
+        return torch.randperm(n, generator=gen, dtype=torch.int32 if n < 2**31 else torch.int64).numpy()
 
-    def stage_mix(self, t: int, n: int) -> np.ndarray | None:
-        """The order that mixes the ``n`` rows of stage ``t`` (``None``: keep them as they are)."""
-        return None if self.window == 1 else self._randperm(n, (_STAGE_KEY, self.epoch, t))
+    def stage_merge(self, t: int, sizes: Sequence[int]) -> np.ndarray:
+        """The order that merges stage ``t``'s parts (of ``sizes`` rows, concatenated)
+        in proportion: position ``p`` of the stage holds concatenated row ``order[p]``."""
+        seq = np.random.SeedSequence(self.seed, spawn_key=(_STAGE_KEY, self.epoch, t))
+        u = np.random.Generator(np.random.Philox(seq)).random(len(sizes))
+        keys = np.concatenate([(np.arange(n) + u[j]) / n for j, n in enumerate(sizes)])
+        return np.argsort(keys, kind="stable")  # a merge of sorted runs
 
     def piece_index(
         self,
@@ -249,4 +256,5 @@ class EpochPlan:
             block, _, lo, _ = members[0]
             return order(block)[lo + piece.start : lo + piece.stop].astype(np.int64) + base(block)
         stage = np.concatenate([order(block)[lo:hi].astype(np.int64) + base(block) for block, _, lo, hi in members])
-        return stage[self.stage_mix(piece.stage, len(stage))[piece.start : piece.stop]]
+        merge = self.stage_merge(piece.stage, [hi - lo for _, _, lo, hi in members])
+        return stage[merge[piece.start : piece.stop]]
