@@ -39,7 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import CorruptBlockError
 from .format import MIB, check_int
-from .plan import EpochPlan, Piece
+from .plan import EpochPlan, Piece, undelivered
 from .store import CRC_BYTES, BlockStore
 
 __all__ = ["ShardedDataset"]
@@ -112,7 +112,7 @@ class ShardedDataset(IterableDataset):
         self.drop_last, self.prefetch, self.on_error = bool(drop_last), prefetch, on_error
         self.window_blocks = self._window(window_blocks, window_mb)
         self.rank, self.world_size = _resolve_rank(rank, world_size)
-        rows = self.plan(0).stream_rows
+        rows = self._plan_for(0, self.rank, self.world_size, self.batch_size, self.drop_last, None).stream_rows
         if rows < self.world_size:
             raise ValueError(f"{rows} rows cannot be split across {self.world_size} ranks")
         self.as_tuple = sorted(self.fields) == ["X", "y"]
@@ -124,6 +124,8 @@ class ShardedDataset(IterableDataset):
         self._store_pid = os.getpid()
         self._position: tuple[int, int] | None = None  # (epoch, batches handed out) of this consumer
         self._resume_at = 0  # batches to skip at the start of the next pass
+        self._consumer = (0, 1)  # (DataLoader worker, workers) of the last pass
+        self._remaining: tuple[int, tuple[tuple[int, int], ...]] | None = None  # (epoch, intervals) left
         self._in_worker = False
 
     # -- epochs and checkpoints ------------------------------------------------------
@@ -136,7 +138,7 @@ class ShardedDataset(IterableDataset):
         """Use ``epoch`` for the next pass (as ``DistributedSampler.set_epoch``)."""
         with self._lock:
             self._shared[0], self._shared[1] = int(epoch), 0
-        self._position, self._resume_at = None, 0
+        self._position, self._resume_at, self._remaining = None, 0, None
 
     def _window(self, blocks: int | None, mb: float | None) -> int:
         if blocks is not None and mb is not None:
@@ -150,11 +152,16 @@ class ShardedDataset(IterableDataset):
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """This rank's :class:`EpochPlan` for ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        left = self._remaining[1] if self._remaining is not None and self._remaining[0] == epoch else None
+        return self._plan_for(epoch, self.rank, self.world_size, self.batch_size, self.drop_last, left)
+
+    def _plan_for(self, epoch: int, rank: int, world_size: int, batch_size: int, drop_last: bool,
+                  remaining: tuple[tuple[int, int], ...] | None) -> EpochPlan:
         return EpochPlan(
-            rows=self.layout.rows, block_rows=self.layout.block_rows, batch_size=self.batch_size,
-            seed=self.seed, epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
-            drop_last=self.drop_last, rank=self.rank, world_size=self.world_size,
-            window_blocks=self.window_blocks, blocks=self.blocks,
+            rows=self.layout.rows, block_rows=self.layout.block_rows, batch_size=batch_size, seed=self.seed,
+            epoch=epoch, shuffle=self.shuffle, drop_last=drop_last, rank=rank, world_size=world_size,
+            window_blocks=self.window_blocks, blocks=self.blocks, remaining=remaining,
         )
 
     def __len__(self) -> int:
@@ -162,27 +169,76 @@ class ShardedDataset(IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         """Where this consumer is: ``(epoch, batches consumed)`` plus the settings that
-        define the stream, O(1) in size."""
+        define the stream.  O(1) in size, or O(consumers of the run it resumed) for an
+        epoch continued with another world size."""
         epoch, batches = self._position if self._position is not None else (self.epoch, self._resume_at)
-        return {**self._stream_settings(), "epoch": epoch, "batches": batches}
+        left = self._remaining[1] if self._remaining is not None and self._remaining[0] == epoch else None
+        worker, workers = self._consumer
+        return {**self._stream_settings(), **self._consumer_settings(), "epoch": epoch, "batches": batches,
+                "worker": worker, "workers": workers, "remaining": None if left is None else [list(i) for i in left]}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state``: the next pass yields exactly the remaining batches."""
-        mine = self._stream_settings()
+    def load_state_dict(self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+        """Continue an epoch: the next pass yields exactly what was not delivered yet.
+
+        ``state`` is this consumer's own :meth:`state_dict` (same ranks and batch
+        size), or the list of the states of *every* consumer of the interrupted run
+        (each rank, or each DataLoader worker of each rank; see
+        :meth:`global_state_dict`): then any world size, rank and batch size may
+        continue it, and the ranks split the undelivered rows between them.
+        """
+        if isinstance(state, Mapping):
+            self._check(state, {**self._stream_settings(), **self._consumer_settings()})
+            self.set_epoch(int(state["epoch"]))
+            self._resume_at = int(state["batches"])
+            if state.get("remaining") is not None:
+                self._remaining = (int(state["epoch"]), tuple(tuple(i) for i in state["remaining"]))
+            return
+        states = list(state)
+        if not states:
+            raise ValueError("need the states of every consumer of the run, got none")
+        for s in states:
+            self._check(s, {**self._stream_settings(), "epoch": states[0]["epoch"]})
+        consumers = sorted((int(s["rank"]), int(s.get("worker", 0))) for s in states)
+        world, workers = int(states[0]["world_size"]), int(states[0].get("workers", 1))
+        if consumers != [(r, w) for r in range(world) for w in range(workers)]:
+            raise ValueError(f"need the states of all {world} x {workers} consumers (rank, worker) of the run, "
+                             f"got {consumers}")
+        epoch = int(states[0]["epoch"])
+        plans = [(self._plan_for(epoch, int(s["rank"]), world, int(s["batch_size"]), bool(s["drop_last"]),
+                                 None if s.get("remaining") is None else tuple(map(tuple, s["remaining"]))),
+                  int(s.get("worker", 0)), workers, int(s["batches"])) for s in states]
+        self.set_epoch(epoch)
+        self._remaining = (epoch, undelivered(plans))
+
+    def global_state_dict(self) -> list[dict[str, Any]]:
+        """The states of every rank (gathered over ``torch.distributed`` when it is
+        initialized), for :meth:`load_state_dict` with any world size.  Call it on
+        every rank; it covers consumers in the main process (``num_workers=0``)."""
+        mine = self.state_dict()
+        if not (dist.is_available() and dist.is_initialized()):
+            return [mine]
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
+    @staticmethod
+    def _check(state: Mapping[str, Any], mine: Mapping[str, Any]) -> None:
         differ = {k: (state.get(k), v) for k, v in mine.items() if k in state and state[k] != v}
         if differ:
             detail = ", ".join(f"{k}={a!r} (this dataset: {b!r})" for k, (a, b) in differ.items())
             raise ValueError(f"state is for another stream: {detail}")
-        self.set_epoch(int(state["epoch"]))
-        self._resume_at = int(state["batches"])
 
     def _stream_settings(self) -> dict[str, Any]:
+        """What defines the epoch's stream (must match to continue it)."""
         return {
-            "seed": self.seed, "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,
-            "shuffle": self.shuffle, "drop_last": self.drop_last, "rows": self.layout.rows,
-            "window_blocks": self.window_blocks,
+            "seed": self.seed, "shuffle": self.shuffle, "rows": self.layout.rows, "window_blocks": self.window_blocks,
             "blocks": self.layout.num_blocks if self.blocks is None else len(self.blocks),
         }
+
+    def _consumer_settings(self) -> dict[str, Any]:
+        """How this run splits the stream (may change between runs, see :meth:`load_state_dict`)."""
+        return {"world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,
+                "drop_last": self.drop_last}
 
     # -- iteration ------------------------------------------------------------------
 
@@ -193,6 +249,7 @@ class ShardedDataset(IterableDataset):
         if info is not None:
             _quiet_worker()
         plan = self.plan()
+        self._consumer = (worker, num_workers)
         first, last = plan.worker_batches(worker, num_workers)
         skip, self._resume_at = self._resume_at, 0
         self._position = (plan.epoch, skip)
@@ -304,11 +361,11 @@ class _BlockReader:
         self.orders: dict[int, Future] = {}  # block id -> its row order
         self.indices: deque[Future] = deque()
         self.indexed = 0  # pieces whose gather index has been submitted
-        if self.pieces:
-            self.next_k = max(0, self.pieces[0].stage - self.window + 1)
-            self.last_k = min(self.pieces[-1].stage, plan.num_blocks - 1)
-        else:
-            self.next_k, self.last_k = 0, -1
+        self.last_use: dict[int, int] = {}  # visit index -> last piece that needs it
+        for i, piece in enumerate(self.pieces):
+            for _, k, _, _ in plan.members(piece.stage):
+                self.last_use[k] = i
+        self.needed = deque(sorted(self.last_use))  # visit indices still to load, in order
 
     def _load(self, k: int, slot: int) -> None:
         block = self.plan.block_at(k)
@@ -343,33 +400,34 @@ class _BlockReader:
 
     def _advance(self) -> None:
         plan = self.plan
-        while self.free and self.next_k <= self.last_k:
-            k, slot = self.next_k, self.free.pop()
+        while self.free and self.needed:
+            k, slot = self.needed.popleft(), self.free.pop()
             self.slot_of[k] = slot
             self.loads[k] = self.io.submit(self._load, k, slot)
             block = plan.block_at(k)
             self.orders[block] = self.cpu.submit(plan.block_order, block)
-            self.next_k += 1
         while self.indexed < len(self.pieces):
-            piece = self.pieces[self.indexed]
-            if min(piece.stage, plan.num_blocks - 1) >= self.next_k:
+            members = plan.members(self.pieces[self.indexed].stage)
+            if any(k not in self.slot_of for _, k, _, _ in members):
                 return
-            base = {b: self.slot_of[k] * self.slot_rows for b, k, _, _ in plan.members(piece.stage)}
+            base = {b: self.slot_of[k] * self.slot_rows for b, k, _, _ in members}
             orders = {b: self.orders[b] for b in base}
             self.indices.append(self.cpu.submit(
-                plan.piece_index, piece, base.__getitem__, lambda b, orders=orders: orders[b].result()))
+                plan.piece_index, self.pieces[self.indexed], base.__getitem__, lambda b, o=orders: o[b].result()))
             self.indexed += 1
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-        for piece in self.pieces:
+        for i, piece in enumerate(self.pieces):
             self._advance()
             index = self.indices.popleft().result()
-            for _, k, _, _ in self.plan.members(piece.stage):
+            members = self.plan.members(piece.stage)
+            for _, k, _, _ in members:
                 self.loads[k].result()
             yield self.rings, index
-            for k in [k for k in self.slot_of if k + self.window - 1 <= piece.stage]:
-                self.free.append(self.slot_of.pop(k))
-                del self.loads[k], self.orders[self.plan.block_at(k)]
+            for block, k, _, _ in members:
+                if self.last_use[k] == i:
+                    self.free.append(self.slot_of.pop(k))
+                    del self.loads[k], self.orders[block]
 
     def close(self) -> None:
         self.io.shutdown(wait=True, cancel_futures=True)

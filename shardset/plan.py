@@ -44,7 +44,7 @@ import torch
 
 from .permutation import FeistelPermutation
 
-__all__ = ["EpochPlan", "Piece"]
+__all__ = ["EpochPlan", "Piece", "undelivered"]
 
 BLOCK_DOMAIN = "block-order"
 # spawn_key namespaces (synthetic data uses 0 and 1)
@@ -66,6 +66,9 @@ class EpochPlan:
 
     ``blocks`` restricts the stream to those block ids (for example the complete
     blocks of a store still being written); by default every block is in it.
+    ``remaining`` restricts the epoch to those sorted, disjoint intervals of stream
+    positions (what an interrupted run had not delivered, see :func:`undelivered`);
+    the ranks then split their concatenation as they would split the whole stream.
     """
 
     rows: int
@@ -79,6 +82,7 @@ class EpochPlan:
     world_size: int = 1
     window_blocks: int = 1
     blocks: tuple[int, ...] | None = None
+    remaining: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -107,9 +111,13 @@ class EpochPlan:
     def stream_rows(self) -> int:
         return self.offset(self.num_stages)
 
+    @cached_property
+    def _intervals(self) -> tuple[tuple[int, int], ...]:
+        return ((0, self.stream_rows),) if self.remaining is None else tuple(map(tuple, self.remaining))
+
     @property
     def rank_rows(self) -> int:
-        return self.stream_rows // self.world_size
+        return sum(b - a for a, b in self._intervals) // self.world_size
 
     @property
     def num_batches(self) -> int:
@@ -122,11 +130,18 @@ class EpochPlan:
         nb = self.num_batches
         return worker * nb // num_workers, (worker + 1) * nb // num_workers
 
-    def batch_rows(self, first: int, last: int) -> tuple[int, int]:
-        """Stream positions ``[a, b)`` covered by this rank's batches ``[first, last)``."""
+    def batch_rows(self, first: int, last: int) -> list[tuple[int, int]]:
+        """The stream intervals covered by this rank's batches ``[first, last)``, in order."""
         base = self.rank * self.rank_rows
         end = self.rank_rows if not self.drop_last else self.num_batches * self.batch_size
-        return base + min(first * self.batch_size, end), base + min(last * self.batch_size, end)
+        a, b = base + min(first * self.batch_size, end), base + min(last * self.batch_size, end)
+        out, skipped = [], 0  # map [a, b) of the intervals' concatenation onto the stream
+        for lo, hi in self._intervals:
+            x, y = max(lo, lo + a - skipped), min(hi, lo + b - skipped)
+            if x < y:
+                out.append((x, y))
+            skipped += hi - lo
+        return out
 
     # -- the visit order --------------------------------------------------------------
 
@@ -208,15 +223,13 @@ class EpochPlan:
 
     def pieces(self, first: int, last: int) -> Iterator[Piece]:
         """The stage pieces, in stream order, that batches ``[first, last)`` of this rank need."""
-        a, b = self.batch_rows(first, last)
-        if a >= b:
-            return
-        t = self.stage_of(a)
-        while self.offset(t) < b:
-            lo, hi = self.offset(t), self.offset(t + 1)
-            if hi > lo:
-                yield Piece(t, max(a, lo) - lo, min(b, hi) - lo)
-            t += 1
+        for a, b in self.batch_rows(first, last):
+            t = self.stage_of(a)
+            while self.offset(t) < b:
+                lo, hi = self.offset(t), self.offset(t + 1)
+                if hi > lo:
+                    yield Piece(t, max(a, lo) - lo, min(b, hi) - lo)
+                t += 1
 
     # -- row orders -------------------------------------------------------------------
 
@@ -258,3 +271,35 @@ class EpochPlan:
         stage = np.concatenate([order(block)[lo:hi].astype(np.int64) + base(block) for block, _, lo, hi in members])
         merge = self.stage_merge(piece.stage, [hi - lo for _, _, lo, hi in members])
         return stage[merge[piece.start : piece.stop]]
+
+
+def undelivered(plans: Sequence[tuple["EpochPlan", int, int, int]]) -> tuple[tuple[int, int], ...]:
+    """The stream intervals that no consumer delivered, from every consumer of a run.
+
+    Each entry is ``(plan, worker, num_workers, batches)``: a consumer's plan (its
+    rank), its DataLoader worker and the batches it handed out.  The result is the
+    ``remaining`` of an :class:`EpochPlan` that continues the epoch with any number
+    of ranks (O(consumers) in size).
+
+    Example:
+        >>> p = [EpochPlan(rows=100, block_rows=10, batch_size=8, rank=r, world_size=2) for r in range(2)]
+        >>> undelivered([(p[0], 0, 1, 2), (p[1], 0, 1, 5)])
+        ((16, 50), (90, 100))
+    """
+    done = []
+    for plan, worker, num_workers, batches in plans:
+        first = plan.worker_batches(worker, num_workers)[0]
+        done.extend(plan.batch_rows(first, first + batches))
+    done.sort()
+    out = []
+    for lo, hi in plans[0][0]._intervals:
+        cursor = lo
+        for a, b in done:
+            if b <= cursor or a >= hi:
+                continue
+            if a > cursor:
+                out.append((cursor, a))
+            cursor = max(cursor, b)
+        if cursor < hi:
+            out.append((cursor, hi))
+    return tuple(out)

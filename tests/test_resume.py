@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from batches import same_batches
@@ -120,8 +121,8 @@ def test_state_dict_is_small(id_store):
     big = ShardedDataset(id_store(128 * 256 - 37, 256, features=1), BS, seed=1)
     states = [small.state_dict(), state_after(small, 7), big.state_dict(), state_after(big, 1500)]
     for state in states:
-        assert len(state) <= 12
-        assert all(type(v) in (int, bool) for v in state.values()), state
+        assert len(state) <= 14
+        assert all(type(v) in (int, bool, type(None)) for v in state.values()), state
         assert len(pickle.dumps(state)) < 300
     assert {tuple(s) for s in states} == {tuple(states[0])}  # the same few keys whatever the size
     assert states[1] != states[0] and states[3] != states[2]
@@ -208,3 +209,72 @@ def test_stateful_dataloader_resume(id_store, num_workers, persistent, cut, kw):
     resumed.load_state_dict(state)
     assert same_batches(list(resumed), rest)
     assert same_batches(list(resumed), after)
+
+
+# -- elastic: continue an epoch with another world size -------------------------------------
+
+
+def _partial_run(path, world: int, taken: list[int], **kw) -> tuple[list[dict], np.ndarray]:
+    """Each rank of a ``world``-rank run takes ``taken[rank]`` batches; returns the
+    states of every rank and the rows delivered."""
+    states, ids = [], []
+    for rank in range(world):
+        ds = ShardedDataset(path, BS, seed=3, rank=rank, world_size=world, **kw)
+        it = iter(ds)
+        ids += [next(it)[1].numpy() for _ in range(taken[rank])]
+        states.append(ds.state_dict())
+    return states, np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+
+def _finish(path, states, world: int, batch_size: int = BS, **kw) -> list[np.ndarray]:
+    """Continue from ``states`` with ``world`` ranks; the rows each rank delivers."""
+    out = []
+    for rank in range(world):
+        ds = ShardedDataset(path, batch_size, seed=3, rank=rank, world_size=world, **kw)
+        ds.load_state_dict(states)
+        expected = len(ds)  # this epoch's remaining batches (the next epoch is whole again)
+        batches = list(ds)
+        assert len(batches) == expected and len(ds) == len(ShardedDataset(path, batch_size, rank=rank, world_size=world))
+        out.append(np.concatenate([y.numpy() for _, y in batches]) if batches else np.zeros(0, np.int64))
+    return out
+
+
+@pytest.mark.parametrize("old, new, batch_size, window", [(2, 3, BS, 1), (3, 1, 10, 1), (2, 2, 7, 3), (1, 3, BS, 2)])
+def test_elastic_resume_delivers_the_rest_once(id_store, old, new, batch_size, window):
+    path = id_store(1009, 97)
+    states, before = _partial_run(path, old, [5 + 7 * r for r in range(old)], window_blocks=window)
+    after = _finish(path, states, new, batch_size, window_blocks=window)
+    assert len({len(a) for a in after}) == 1  # every new rank takes the same rows (so batches)
+    rows = np.concatenate([before, *after])
+    assert len(np.unique(rows)) == len(rows)  # nothing twice
+    assert 1009 - len(rows) <= (old - 1) + (new - 1)  # only the ranks' remainders are dropped
+    assert set(after[0].tolist()).isdisjoint(before.tolist())
+
+
+def test_elastic_resume_chains(id_store):
+    path = id_store(1009, 97)
+    states, first = _partial_run(path, 2, [9, 4])
+    # a 3-rank run continues, takes a few batches each, and is interrupted again
+    second, states2 = [], []
+    for rank in range(3):
+        ds = ShardedDataset(path, BS, seed=3, rank=rank, world_size=3)
+        ds.load_state_dict(states)
+        it = iter(ds)
+        second += [next(it)[1].numpy() for _ in range(3 + rank)]
+        states2.append(ds.state_dict())
+    assert all(s["remaining"] for s in states2)
+    third = _finish(path, states2, 2)
+    rows = np.concatenate([first, *second, *third])
+    assert len(np.unique(rows)) == len(rows) and 1009 - len(rows) <= 1 + 2 + 1
+
+
+def test_elastic_resume_needs_every_consumer(id_store):
+    path = id_store(1009, 97)
+    states, _ = _partial_run(path, 3, [1, 2, 3])
+    ds = ShardedDataset(path, BS, seed=3, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="consumers"):
+        ds.load_state_dict(states[:2])
+    with pytest.raises(ValueError, match="another stream"):
+        ds.load_state_dict(states[0])  # one rank's state cannot continue a 2-rank run
+    with pytest.raises(ValueError, match="seed"):
+        ShardedDataset(path, BS, seed=4).load_state_dict(states)
