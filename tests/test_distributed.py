@@ -74,20 +74,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(tmp_path: Path, store: str, world: int) -> list[dict]:
-    """Run ``world`` rank processes to completion; returns what rank 0 gathered."""
+def run_ranks(tmp_path: Path, store: str, world: int, script: str = WORKER, *extra: str) -> list[dict]:
+    """Run ``world`` rank processes of ``script`` to completion; returns what rank 0 gathered."""
     for attempt in range(2):  # the free port can be taken before rank 0 binds it: retry once
         try:
-            return _run_ranks(tmp_path, store, world)
+            return _run_ranks(tmp_path, store, world, script, extra)
         except AssertionError as exc:
             if attempt or "address already in use" not in str(exc).lower():
                 raise
     raise AssertionError("unreachable")
 
 
-def _run_ranks(tmp_path: Path, store: str, world: int) -> list[dict]:
+def _run_ranks(tmp_path: Path, store: str, world: int, source: str, extra: tuple[str, ...]) -> list[dict]:
     script = tmp_path / "rank_main.py"
-    script.write_text(WORKER)
+    script.write_text(source)
     out = tmp_path / f"gathered-{world}.json"
     out.unlink(missing_ok=True)
     port = free_port()
@@ -97,7 +97,8 @@ def _run_ranks(tmp_path: Path, store: str, world: int) -> list[dict]:
     logs = [open(tmp_path / f"rank{r}.log", "w+") for r in range(world)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), store, str(out), str(port), str(r), str(world), str(EPOCHS), str(BS), str(SEED)],
+            [sys.executable, str(script), store, str(out), str(port), str(r), str(world), str(EPOCHS), str(BS), str(SEED),
+             *extra],
             stdout=logs[r], stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path),
         )
         for r in range(world)
@@ -156,3 +157,54 @@ def test_distributed_ranks_split_each_epoch_exactly_once(tmp_path, id_store, wor
     assert all(g["epoch_after"] == EPOCHS for g in gathered)
     # The block order changes between epochs, so ranks read different blocks.
     assert blocks_per_epoch[0] != blocks_per_epoch[1]
+
+
+ELASTIC = textwrap.dedent(
+    """
+    import json, sys
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from shardset import ShardedDataset
+
+    store, out, port, rank, world, _, bs, seed, states = sys.argv[1:]
+    rank, world, bs, seed = int(rank), int(world), int(bs), int(seed)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        ds = ShardedDataset(store, bs, seed=seed)
+        if states == "-":  # the interrupted run: each rank takes a few batches, then checkpoints
+            it = iter(ds)
+            ids = [int(i) for _ in range(3 + 2 * rank) for i in next(it)[1]]
+        else:  # the run that continues the epoch with another world size
+            ds.load_state_dict(json.load(open(states)))
+            ids = [int(i) for _, y in ds for i in y]
+        mine = {"ids": ids, "states": ds.global_state_dict()}
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(gathered, f)
+    finally:
+        dist.destroy_process_group()
+    """
+)
+
+
+def test_elastic_resume_across_real_process_groups(tmp_path, id_store):
+    old, new = 2, 3
+    store = id_store(N, BLOCK_ROWS)
+    first = run_ranks(tmp_path, store, old, ELASTIC, "-")
+    states = tmp_path / "states.json"
+    states.write_text(json.dumps(first[0]["states"]))  # every rank's state, gathered over gloo
+    second = run_ranks(tmp_path, store, new, ELASTIC, str(states))
+    before = [i for g in first for i in g["ids"]]
+    after = [g["ids"] for g in second]
+    assert len({len(a) for a in after}) == 1  # every new rank took the same number of rows
+    rows = np.asarray(before + [i for a in after for i in a])
+    assert len(np.unique(rows)) == len(rows)  # no row twice
+    assert N - len(rows) <= (old - 1) + (new - 1)  # only the ranks' remainders dropped
