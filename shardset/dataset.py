@@ -72,6 +72,7 @@ class ShardedDataset(IterableDataset):
             block, so every rank still yields the same batches.
         allow_incomplete: stream only the complete blocks of a store that is
             still being written (the stream is fixed when the dataset is made).
+        storage_options: for a URL (``s3://...``): endpoint, region, credentials.
     """
 
     def __init__(
@@ -90,13 +91,15 @@ class ShardedDataset(IterableDataset):
         window_mb: float | None = None,
         on_error: str = "raise",
         allow_incomplete: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         batch_size, prefetch = check_int("batch_size", batch_size), check_int("prefetch", prefetch, 0)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.path = os.fspath(path)
-        store = BlockStore.open(self.path)
+        self.storage_options = dict(storage_options or {})
+        store = BlockStore.open(self.path, storage_options=self.storage_options)
         self.blocks: tuple[int, ...] | None = None
         if allow_incomplete:
             if store.missing_blocks():
@@ -317,7 +320,7 @@ class ShardedDataset(IterableDataset):
     def _open(self) -> BlockStore:
         # One store handle per process: never reuse a handle across fork or spawn.
         if self._store is None or self._store_pid != os.getpid():
-            self._store, self._store_pid = BlockStore.open(self.path), os.getpid()
+            self._store, self._store_pid = BlockStore.open(self.path, storage_options=self.storage_options), os.getpid()
         return self._store
 
     def __getstate__(self) -> dict[str, Any]:
@@ -354,6 +357,11 @@ class _BlockReader:
             self.raw[f] = np.empty(slots * self.stride[f], dtype=np.uint8)
             self.rings[f] = self.raw[f].view(spec.dtype).reshape(slots * self.slot_rows, *spec.shape)
         self.free = list(range(slots))[::-1]
+        # reused scratch, so steady state allocates nothing big (allocation churn fragments
+        # the heap: measured here, it raised peak RSS by about a third of a block)
+        self.order_bufs = [np.empty(self.slot_rows, np.int32) for _ in range(slots)]
+        self.index_dtype = np.int32 if slots * self.slot_rows < 2**31 else np.int64
+        self.index_bufs: list[np.ndarray] = []
         self.io = ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="shardset-read")
         self.cpu = ThreadPoolExecutor(1, thread_name_prefix="shardset-order")
         self.slot_of: dict[int, int] = {}  # visit index -> slot
@@ -405,15 +413,16 @@ class _BlockReader:
             self.slot_of[k] = slot
             self.loads[k] = self.io.submit(self._load, k, slot)
             block = plan.block_at(k)
-            self.orders[block] = self.cpu.submit(plan.block_order, block)
+            self.orders[block] = self.cpu.submit(plan.block_order, block, self.order_bufs[slot])
         while self.indexed < len(self.pieces):
             members = plan.members(self.pieces[self.indexed].stage)
             if any(k not in self.slot_of for _, k, _, _ in members):
                 return
             base = {b: self.slot_of[k] * self.slot_rows for b, k, _, _ in members}
             orders = {b: self.orders[b] for b in base}
+            buf = self.index_bufs.pop() if self.index_bufs else np.empty(self.slot_rows + self.window, self.index_dtype)
             self.indices.append(self.cpu.submit(
-                plan.piece_index, self.pieces[self.indexed], base.__getitem__, lambda b, o=orders: o[b].result()))
+                plan.piece_index, self.pieces[self.indexed], base.__getitem__, lambda b, o=orders: o[b].result(), buf))
             self.indexed += 1
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
@@ -424,6 +433,7 @@ class _BlockReader:
             for _, k, _, _ in members:
                 self.loads[k].result()
             yield self.rings, index
+            self.index_bufs.append(index.base if index.base is not None else index)
             for block, k, _, _ in members:
                 if self.last_use[k] == i:
                     self.free.append(self.slot_of.pop(k))

@@ -156,10 +156,17 @@ class EpochPlan:
             return None
         return FeistelPermutation(self.num_blocks, self.seed, self.epoch, domain=BLOCK_DOMAIN)
 
+    @cached_property
+    def _visits(self) -> np.ndarray:
+        """Block ids in visit order (8 bytes a block: 64 KiB for a terabyte of 128 MiB blocks)."""
+        v = np.arange(self.num_blocks, dtype=np.int64)
+        if self._order is not None:
+            v = self._order(v)
+        return v if self._ids is None else self._ids[v]
+
     def block_at(self, k: int) -> int:
         """Block id visited ``k``-th in this epoch."""
-        v = k if self._order is None else int(self._order(k))
-        return v if self._ids is None else int(self._ids[v])
+        return int(self._visits[k])
 
     @cached_property
     def _short(self) -> tuple[int, int]:
@@ -233,14 +240,20 @@ class EpochPlan:
 
     # -- row orders -------------------------------------------------------------------
 
-    def block_order(self, block: int) -> np.ndarray:
-        """Row ids of ``block`` in their epoch order (positions split into the block's parts)."""
+    def block_order(self, block: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Row ids of ``block`` in their epoch order (positions split into the block's parts).
+
+        ``out``: an int32 buffer of at least the block's rows to write them into.
+        """
         n = self.block_size(block)
+        out = np.empty(n, np.int32 if n < 2**31 else np.int64) if out is None else out[:n]
         if not self.shuffle:
-            return np.arange(n, dtype=np.int64)
+            out[:] = np.arange(n)
+            return out
         seq = np.random.SeedSequence(self.seed, spawn_key=(_ROW_KEY, self.epoch, block))
         gen = torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0]))
-        return torch.randperm(n, generator=gen, dtype=torch.int32 if n < 2**31 else torch.int64).numpy()
+        torch.randperm(n, generator=gen, out=torch.from_numpy(out))
+        return out
 
     def stage_merge(self, t: int, sizes: Sequence[int]) -> np.ndarray:
         """The order that merges stage ``t``'s parts (of ``sizes`` rows, concatenated)
@@ -255,22 +268,26 @@ class EpochPlan:
         piece: Piece,
         base: Callable[[int], int] | None = None,
         block_order: Callable[[int], np.ndarray] | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """``base(block) + row`` for every position of ``piece`` (int64).
+        """``base(block) + row`` for every position of ``piece``.
 
-        With the default ``base`` (``block * block_rows``) this is the global row id;
-        a reader passes where each block sits in its buffers, and a cache of
-        :meth:`block_order`.
+        With the default ``base`` (``block * block_rows``) this is the global row id
+        (int64); a reader passes where each block sits in its buffers, a cache of
+        :meth:`block_order` and an ``out`` buffer to reuse.
         """
         base = base or (lambda block: block * self.block_rows)
         order = block_order or self.block_order
+        out = np.empty(piece.stop - piece.start, np.int64) if out is None else out[: piece.stop - piece.start]
         members = self.members(piece.stage)
         if len(members) == 1:
             block, _, lo, _ = members[0]
-            return order(block)[lo + piece.start : lo + piece.stop].astype(np.int64) + base(block)
+            np.add(order(block)[lo + piece.start : lo + piece.stop], base(block), out=out, casting="unsafe")
+            return out
         stage = np.concatenate([order(block)[lo:hi].astype(np.int64) + base(block) for block, _, lo, hi in members])
         merge = self.stage_merge(piece.stage, [hi - lo for _, _, lo, hi in members])
-        return stage[merge[piece.start : piece.stop]]
+        out[:] = stage[merge[piece.start : piece.stop]]
+        return out
 
 
 def undelivered(plans: Sequence[tuple["EpochPlan", int, int, int]]) -> tuple[tuple[int, int], ...]:
