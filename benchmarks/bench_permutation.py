@@ -134,20 +134,15 @@ def check_correctness(n: int, x: np.ndarray) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=5, help="measured runs per figure (default 5)")
+    ap = common.arg_parser("bench_permutation", __doc__, repeats=5, data_dir=False)
     ap.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds (default 1)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2^18 indices per run, 3 repeats")
-    ap.add_argument("--name", default="permutation", help="results/<name>.json and plots/<name>.png")
-    ap.add_argument("--no-plot", action="store_true")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.repeats = min(args.repeats, 3)
-    return args
+    return common.parse_args(ap, argv)
 
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    if (res := common.replot(args, plot)) is not None:
+        return res
     started = time.perf_counter()
     desc = common.machine_description()  # before pinning: it reports the cores available
     desc.setdefault("platform", platform.platform())

@@ -6,8 +6,8 @@ Run from the repository root::
     python -m benchmarks.bench_read --quick     # ~2-3 minute smoke run
     python -m benchmarks.bench_read --gib 40    # a store larger than RAM (needs the disk)
 
-One invocation writes a store (d=16, 128 MB blocks, X and y float32) and a flat
-``X.npy``/``y.npy`` copy of it in a scratch directory, then measures, in
+One invocation writes a store (d=16, 128 MB blocks, X and y float32) in a
+scratch directory, then measures, in
 interleaved rounds so every comparison is made in the same run:
 
 * warm page cache, one process: a full shuffled epoch of ``ShardedDataset``
@@ -18,8 +18,9 @@ interleaved rounds so every comparison is made in the same run:
 * cold cache (chunk files evicted with ``posix_fadvise(DONTNEED)``, checked with
   ``mincore``): ``ShardedDataset`` against a sequential ``O_DIRECT`` read of the
   same files (8 MiB reads into a page-aligned buffer);
-* the naive loader: ``np.load(mmap_mode="r")`` behind a map-style Dataset with
-  ``DataLoader(shuffle=True, batch_size=1024)``, warm and cold, for a time budget
+* the naive loader: ``numpy.memmap`` views of the same chunk files behind a map-style
+  Dataset with ``DataLoader(shuffle=True, batch_size=1024)`` (``shardset.bench.naive_read``),
+  warm and cold, for a time budget
   (its epoch time is extrapolated from the rate, as the output says);
 * peak RSS of the reader (prefetch=1) in a fresh process, on this store and on a
   2-block store, against the interpreter+torch baseline;
@@ -43,6 +44,8 @@ from typing import Any, Callable, Iterator
 
 from . import common
 from .common import GB, GiB, MiB, fmt, fmt_ratio, print_table, ratio_summary, summarize
+from shardset import bench as sbench
+from shardset.bench import consume
 
 MEMORY_BOUND_ARGUMENT = (
     "ShardedDataset's memory does not depend on the number of rows N: each consumer allocates 1 + prefetch "
@@ -76,32 +79,6 @@ NOTES = [
     "use the per-round median. Each round measures every contender back "
     "to back; the order of the contenders rotates between rounds.",
 ]
-
-
-# -- consumption ------------------------------------------------------------------------------
-
-
-def consume(batches: Iterator, max_batches: int | None = None, max_seconds: float | None = None) -> dict[str, Any]:
-    """Iterate, touching one element per batch; times the first batch and the whole.
-    Stops early after ``max_batches`` batches or ``max_seconds`` (then ``partial`` is true)."""
-    t0 = time.perf_counter()
-    it = iter(batches)
-    first = None
-    rows = nb = 0
-    acc = 0.0
-    partial = False
-    for X, y in it:
-        if first is None:
-            first = time.perf_counter() - t0
-        rows += X.shape[0]
-        nb += 1
-        acc += float(X[0, 0])
-        if (max_batches is not None and nb >= max_batches) or (max_seconds is not None and time.perf_counter() - t0 >= max_seconds):
-            partial = True
-            break
-    dt = time.perf_counter() - t0
-    del it
-    return {"seconds": dt, "rows": rows, "batches": nb, "first_batch_s": first, "checksum": acc, "partial": partial}
 
 
 # -- the baseline: plain reads + one permutation per block --------------------------------------
@@ -156,25 +133,25 @@ class PlainShuffled:
 # -- ShardedDataset runs --------------------------------------------------------------------------
 
 
-def sd_loader(path: str, batch_size: int, *, shuffle=True, prefetch=1, num_workers=0, seed=0):
+def sd_loader(path: str, batch_size: int, *, num_workers=0, **kw):
     import torch
 
     from shardset import ShardedDataset
 
     t0 = time.perf_counter()
-    ds = ShardedDataset(path, batch_size, shuffle=shuffle, seed=seed, prefetch=prefetch)
+    ds = ShardedDataset(path, batch_size, **kw)
     construct = time.perf_counter() - t0
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers), construct
 
 
 def sd_epoch(path: str, batch_size: int, max_batches: int | None = None, max_seconds: float | None = None,
              dataloader: bool = True, **kw) -> dict[str, Any]:
+    """``shardset.bench.shardset_read``; with ``dataloader=False`` the dataset is iterated
+    directly (no DataLoader per-batch overhead: a diagnostic)."""
+    if dataloader:
+        return sbench.shardset_read(path, batch_size, max_batches=max_batches, max_seconds=max_seconds, **kw)
     loader, construct = sd_loader(path, batch_size, **kw)
-    if not dataloader:
-        loader = loader.dataset  # iterate the IterableDataset itself (no DataLoader per-batch overhead)
-    res = consume(loader, max_batches, max_seconds)
-    res["construct_s"] = construct
-    return res
+    return {**consume(loader.dataset, max_batches, max_seconds), "construct_s": construct}
 
 
 # -- instrumentation (monkeypatching in this process only; shardset/ is not modified) -------------
@@ -342,53 +319,13 @@ def read_blocks_only(path: str) -> dict[str, Any]:
 # -- naive memmap loader --------------------------------------------------------------------------
 
 
-class NaiveMemmap:
-    """Map-style dataset over X.npy / y.npy opened with ``np.load(mmap_mode="r")``."""
-
-    def __init__(self, xpath: str, ypath: str) -> None:
-        import numpy as np
-
-        self.np = np
-        self.X = np.load(xpath, mmap_mode="r")
-        self.y = np.load(ypath, mmap_mode="r")
-
-    def __len__(self) -> int:
-        return len(self.X)
-
-    def __getitem__(self, i):
-        import torch
-
-        return torch.from_numpy(self.np.array(self.X[i])), torch.from_numpy(self.np.array(self.y[i]))
-
-
-def naive_run(xpath: str, ypath: str, batch_size: int, budget: float, seed: int) -> dict[str, Any]:
-    import torch
-    from torch.utils.data import DataLoader, Dataset
-
-    class _DS(NaiveMemmap, Dataset):
-        pass
-
-    ds = _DS(xpath, ypath)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(seed))
-    t0 = time.perf_counter()
-    it = iter(loader)
-    X, y = next(it)
-    t1 = time.perf_counter()
-    rows, acc = 0, float(X[0, 0])
-    while time.perf_counter() - t1 < budget:
-        try:
-            X, y = next(it)
-        except StopIteration:
-            break
-        rows += X.shape[0]
-        acc += float(X[0, 0])
-    t2 = time.perf_counter()
-    del it
-    rate = rows / (t2 - t1)
-    n = len(ds)
-    epoch_s = (t1 - t0) + n / rate
-    return {"first_batch_s": t1 - t0, "window_s": t2 - t1, "rows_in_window": rows, "rows_per_s_steady": rate,
-            "epoch_s_extrapolated": epoch_s, "rows_per_s_epoch_extrapolated": n / epoch_s, "fraction_of_epoch_read": rows / n}
+def naive_run(path: str, batch_size: int, budget: float, seed: int) -> dict[str, Any]:
+    """``shardset.bench.naive_read`` (numpy memmap of the chunk files + map-style Dataset +
+    ``DataLoader(shuffle=True)``) for ``budget`` seconds, under this script's key names."""
+    r = sbench.naive_read(path, batch_size, budget, seed=seed)
+    return {"first_batch_s": r["first_batch_s"], "window_s": r["seconds"] - r["first_batch_s"], "rows_in_window": r["rows"],
+            "rows_per_s_steady": r["steady_rows_per_s"] or r["rows_per_s"], "epoch_s_extrapolated": r["epoch_s_extrapolated"],
+            "rows_per_s_epoch_extrapolated": r["epoch_rows_per_s_extrapolated"], "fraction_of_epoch_read": r["fraction_of_epoch_read"]}
 
 
 # -- RSS in a fresh process ------------------------------------------------------------------------
@@ -399,12 +336,12 @@ import json, sys, time
 import numpy, torch, zarr, crc32c, psutil
 import shardset
 from benchmarks import common
-from benchmarks.bench_read import consume, sd_loader
+from shardset.bench import shardset_read
 cfg = json.loads(sys.argv[1])
 base = psutil.Process().memory_info().rss
 with common.RssSampler(interval=0.05) as s:
-    loader, _ = sd_loader(cfg["path"], cfg["batch_size"], prefetch=cfg["prefetch"], num_workers=cfg["num_workers"])
-    r = consume(loader, cfg.get("max_batches"))
+    r = shardset_read(cfg["path"], cfg["batch_size"], prefetch=cfg["prefetch"], num_workers=cfg["num_workers"],
+                      max_batches=cfg.get("max_batches"))
 print(json.dumps({"baseline_rss": base, "rss": s.result(), "epoch": r}))
 """
 
@@ -421,72 +358,26 @@ def rss_run(path: str, batch_size: int, prefetch: int, num_workers: int, max_bat
 # -- setup -----------------------------------------------------------------------------------------
 
 
-def rows_for(gib: float, features: int, block_mb: int) -> int:
-    from shardset.format import FieldSpec, block_rows_for
-
-    fields = {"X": FieldSpec("float32", (features,)), "y": FieldSpec("float32", (1,))}
-    block_rows = block_rows_for(fields, block_mb)
-    blocks = max(1, round(gib * GiB / (block_rows * 4 * (features + 1))))
-    return blocks * block_rows
-
-
-def write_npy_copy(store, xpath: Path, ypath: Path) -> float:
-    import numpy as np
-
-    t0 = time.perf_counter()
-    lay = store.layout
-    outs = {"X": np.lib.format.open_memmap(xpath, mode="w+", dtype=np.float32, shape=(lay.rows, *lay.fields["X"].shape)),
-            "y": np.lib.format.open_memmap(ypath, mode="w+", dtype=np.float32, shape=(lay.rows, *lay.fields["y"].shape))}
-    bufs = {f: store.new_buffer(f) for f in outs}
-    for b in range(lay.num_blocks):
-        s, e = lay.block_range(b)
-        for f, out in outs.items():
-            out[s:e] = store.read_block(f, b, bufs[f])
-    for out in outs.values():
-        out.flush()
-        del out
-    outs.clear()
-    for p in (xpath, ypath):
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    return time.perf_counter() - t0
-
-
 # -- main --------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_read", description=__doc__.split("\n\n")[0])
+    p = common.arg_parser("bench_read", __doc__)
     p.add_argument("--gib", type=float, default=None, help="store size in GiB (default 4; quick 0.25); whole 128 MB blocks")
     p.add_argument("--rows", type=int, default=None, help="store rows (overrides --gib)")
     p.add_argument("--features", type=int, default=16)
     p.add_argument("--block-mb", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3, help="measured rounds (>= 3)")
     p.add_argument("--naive-seconds", type=float, default=None, help="time budget of each naive-loader run (default 6; quick 2)")
     p.add_argument("--variant-seconds", type=float, default=None,
                    help="time budget of each variant run (all but the baseline and the shuffled ShardedDataset; default 8; quick 2)")
     p.add_argument("--warmup-blocks", type=int, default=None, help="blocks read by each contender in the discarded warm-up round (default 2; quick 1)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-cache measurements")
-    p.add_argument("--no-naive", action="store_true", help="skip the naive memmap loader (and its .npy copy)")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive memmap loader")
     p.add_argument("--no-profile", action="store_true", help="skip the instrumented epochs (time breakdown)")
     p.add_argument("--cprofile", action="store_true", help="also run one epoch under cProfile and store the top functions")
-    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    p.add_argument("--data-dir", default=None, help=f"parent of the scratch directory (default {common.DEFAULT_DATA_PARENT}); removed at the end")
-    p.add_argument("--name", default=None, help="result name (default 'read', or 'read_quick' with --quick)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--replot", action="store_true", help="only redraw the PNG from benchmarks/results/<name>.json")
-    a = p.parse_args(argv)
-    q = a.quick
-    a.gib = a.gib if a.gib is not None else (0.25 if q else 4.0)
-    a.naive_seconds = a.naive_seconds if a.naive_seconds is not None else (2.0 if q else 6.0)
-    a.variant_seconds = a.variant_seconds if a.variant_seconds is not None else (2.0 if q else 8.0)
-    a.warmup_blocks = a.warmup_blocks if a.warmup_blocks is not None else (1 if q else 2)
-    a.name = a.name or ("read_quick" if q else "read")
-    if a.repeats < 3:
-        p.error("--repeats must be at least 3 (every figure is a median of >= 3 runs)")
-    return a
+    return common.parse_args(p, argv, {"gib": (4.0, 0.25), "naive_seconds": (6.0, 2.0), "variant_seconds": (8.0, 2.0),
+                                       "warmup_blocks": (2, 1)})
 
 
 # Full epochs for the two contenders of the target; the variants run for --variant-seconds
@@ -559,10 +450,7 @@ def order_costs(path: str, blocks: int = 3) -> dict[str, Any]:
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.replot:
-        res = json.loads((common.RESULTS_DIR / f"{args.name}.json").read_text())
-        plot(argparse.Namespace(**res["args"]), res)
-        print(f"plot: {common.plot_path(args.name)}")
+    if (res := common.replot(args, plot)) is not None:
         return res
     common.exit_on_sigterm()
     import torch
@@ -574,9 +462,9 @@ def main(argv=None) -> dict[str, Any]:
         desc = common.machine_description(root)
         print(f"machine: {common.describe_machine_line(desc)}")
         print(f"scratch: {root}  (removed at the end)", flush=True)
-        rows = args.rows if args.rows is not None else rows_for(args.gib, args.features, args.block_mb)
+        rows = args.rows if args.rows is not None else common.rows_for(args.gib, args.features, args.block_mb)
         row_bytes = 4 * (args.features + 1)
-        need = rows * row_bytes * (1 if args.no_naive else 2) * 1.05 + GiB
+        need = rows * row_bytes * 1.05 + GiB
         free = desc["data_dir_free_gib_at_start"] * GiB
         if need > free:
             raise SystemExit(f"need about {need / GiB:.1f} GiB in {root}, only {free / GiB:.1f} GiB free")
@@ -584,7 +472,6 @@ def main(argv=None) -> dict[str, Any]:
             print(f"note: the store ({rows * row_bytes / GiB:.1f} GiB) is larger than RAM; 'warm' runs cannot be fully cached")
 
         path = str(root / "store.zarr")
-        xnpy, ynpy = root / "X.npy", root / "y.npy"
         setup: dict[str, Any] = {}
         print(f"writing the store: {rows:,} rows of d={args.features} ({rows * row_bytes / GiB:.2f} GiB) ...", flush=True)
         t0 = time.perf_counter()
@@ -595,11 +482,7 @@ def main(argv=None) -> dict[str, Any]:
         block_bytes = lay.block_rows * lay.row_bytes
         chunk_files = [store.chunk_path(f, b) for f in ("X", "y") for b in range(lay.num_blocks)]
         chunk_bytes = sum(os.path.getsize(p) for p in chunk_files)
-        if not args.no_naive:
-            print("writing the flat X.npy / y.npy copy ...", flush=True)
-            setup["npy_copy_s"] = write_npy_copy(store, xnpy, ynpy)
-        npy_files = [] if args.no_naive else [xnpy, ynpy]
-        setup["warm_read"] = common.warm(chunk_files + npy_files)
+        setup["warm_read"] = common.warm(chunk_files)
         setup["rows"], setup["num_blocks"], setup["block_rows"], setup["block_bytes"] = rows, lay.num_blocks, lay.block_rows, block_bytes
         setup["chunk_file_bytes"] = chunk_bytes
         setup["logical_bytes"] = rows * row_bytes
@@ -672,7 +555,7 @@ def main(argv=None) -> dict[str, Any]:
                     rec["evict_sd2"] = common.evict_verified(chunk_files)
                     rec["sd_prefetch2"] = sd_epoch(path, bs, seed=300 + r, prefetch=2)
                     rec["evict_direct"] = common.evict_verified(chunk_files)
-                    rec["direct"] = common.direct_read(chunk_files)
+                    rec["direct"] = sbench.direct_read(chunk_files)
                     rec["resident_after_direct"] = common.resident_bytes(chunk_files)["fraction"]
                     rec["evict_readblock"] = common.evict_verified(chunk_files)
                     rec["readblock"] = read_blocks_only(path)
@@ -692,21 +575,18 @@ def main(argv=None) -> dict[str, Any]:
         # ---- naive ------------------------------------------------------------------------------------
         naive: dict[str, list] = {"warm": [], "cold": []}
         if not args.no_naive:
-            common.warm(npy_files)
             for r in range(args.repeats):
                 for mode in ("warm", "cold"):
                     if mode == "warm":
-                        common.warm(npy_files)
-                    ev = common.evict_verified(npy_files) if mode == "cold" else {"resident": common.resident_bytes(npy_files)["fraction"]}
-                    nr = naive_run(str(xnpy), str(ynpy), bs, args.naive_seconds, seed=r)
+                        common.warm(chunk_files)
+                    ev = common.evict_verified(chunk_files) if mode == "cold" else {"resident": common.resident_bytes(chunk_files)["fraction"]}
+                    nr = naive_run(path, bs, args.naive_seconds, seed=r)
                     nr["cache"] = ev
-                    nr["resident_after"] = common.resident_bytes(npy_files)["fraction"]
+                    nr["resident_after"] = common.resident_bytes(chunk_files)["fraction"]
                     naive[mode].append(nr)
                     print(f"[naive {mode} {r + 1}/{args.repeats}] {nr['rows_per_s_steady'] / 1e3:.1f} k rows/s over "
                           f"{nr['window_s']:.1f} s ({100 * nr['fraction_of_epoch_read']:.2f}% of the epoch), first batch "
                           f"{nr['first_batch_s']:.2f} s; page cache after: {nr['resident_after']:.3f}", flush=True)
-            for p in npy_files:  # free the disk and the page cache before the memory runs
-                p.unlink()
 
         # ---- memory ----------------------------------------------------------------------------------
         print("memory: peak RSS of a fresh reader process (prefetch=1) ...", flush=True)

@@ -320,13 +320,12 @@ def gen_two_processes(pool, buf_bytes: int, passes: int) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_write", description=__doc__.split("\n\n")[0])
+    p = common.arg_parser("bench_write", __doc__)
     p.add_argument("--gib", type=float, default=None, help="GiB of stored data for the workers=1/2 runs (default 4; quick 0.5)")
-    p.add_argument("--sweep-gib", type=float, default=None, help="GiB per sweep run (default 1; quick 0.25)")
+    p.add_argument("--sweep-gib", type=float, default=None, help="GiB per sweep run (default 1; quick 0.125)")
     p.add_argument("--disk-gib", type=float, default=None, help="GiB for the fsync write-bandwidth limit (default 1; quick 0.25)")
     p.add_argument("--gen-mib", type=int, default=128, help="buffer size of the generator and memcpy limits (MiB)")
     p.add_argument("--gen-passes", type=int, default=None, help="buffer fills per generator measurement (default 4; quick 2)")
-    p.add_argument("--repeats", type=int, default=3, help="measured rounds (>= 3; every figure is a median of these)")
     p.add_argument("--warmup", type=int, default=1, help="discarded rounds before the measured ones")
     p.add_argument("--features", type=int, default=16, help="d for the main runs")
     p.add_argument("--block-mb", type=int, default=128, help="block size of the main runs")
@@ -334,31 +333,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ds", default="2,16,128,1024", help="d sweep")
     p.add_argument("--codecs", default="crc32c,none,lz4,zstd", help="codec sweep (crc32c = checksum only; none = checksum=False)")
     p.add_argument("--no-sweeps", action="store_true", help="only limits and the workers=1/2 runs")
-    p.add_argument("--quick", action="store_true", help="small sizes: a ~1 minute smoke run")
-    p.add_argument("--data-dir", default=None, help=f"parent of the scratch directory (default {common.DEFAULT_DATA_PARENT}); removed at the end")
-    p.add_argument("--name", default=None, help="result name (default 'write', or 'write_quick' with --quick)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--replot", action="store_true", help="only redraw the PNG from benchmarks/results/<name>.json")
-    a = p.parse_args(argv)
-    q = a.quick
-    a.gib = a.gib if a.gib is not None else (0.25 if q else 4.0)
-    a.sweep_gib = a.sweep_gib if a.sweep_gib is not None else (0.125 if q else 1.0)
-    a.disk_gib = a.disk_gib if a.disk_gib is not None else (0.25 if q else 1.0)
-    a.gen_passes = a.gen_passes if a.gen_passes is not None else (2 if q else 4)
-    a.name = a.name or ("write_quick" if q else "write")
-    if a.repeats < 3:
-        p.error("--repeats must be at least 3 (every figure is a median of >= 3 runs)")
-    return a
-
-
-def rows_for(gib: float, features: int, block_mb: int) -> int:
-    """Rows of X (d floats) + y filling a whole number of blocks (>= 1), about ``gib`` GiB."""
-    from shardset.format import FieldSpec, block_rows_for
-
-    fields = {"X": FieldSpec("float32", (features,)), "y": FieldSpec("float32", (1,))}
-    block_rows = block_rows_for(fields, block_mb)
-    blocks = max(1, round(gib * GiB / (block_rows * 4 * (features + 1))))
-    return blocks * block_rows
+    return common.parse_args(p, argv, {"gib": (4.0, 0.25), "sweep_gib": (1.0, 0.125), "disk_gib": (1.0, 0.25), "gen_passes": (4, 2)})
 
 
 def codec_args(codec: str) -> dict[str, Any]:
@@ -372,10 +347,7 @@ def codec_args(codec: str) -> dict[str, Any]:
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.replot:
-        res = json.loads((common.RESULTS_DIR / f"{args.name}.json").read_text())
-        plot(argparse.Namespace(**res["args"]), res)
-        print(f"plot: {common.plot_path(args.name)}")
+    if (res := common.replot(args, plot)) is not None:
         return res
     common.exit_on_sigterm()
     import torch
@@ -398,7 +370,7 @@ def main(argv=None) -> dict[str, Any]:
         [f.result() for f in [pool.submit(_noop) for _ in range(2)]]
         limits = Limits(args.gen_mib * MiB)
         driver = Driver()
-        main_rows = rows_for(args.gib, args.features, args.block_mb)
+        main_rows = common.rows_for(args.gib, args.features, args.block_mb)
         store_path = str(root / "store.zarr")
         keys = ["torch_normal", "numpy_normal", "gen_2proc", "memcpy", "disk_fsync", "disk_sustained", "w1", "w2", "load"]
         main_runs: dict[str, list] = {k: [] for k in keys}
@@ -414,9 +386,9 @@ def main(argv=None) -> dict[str, Any]:
                 rec["numpy_normal"] = limits.numpy_normal(args.gen_passes)
                 rec["gen_2proc"] = gen_two_processes(pool, args.gen_mib * MiB, args.gen_passes)
                 rec["memcpy"] = limits.memcpy(args.gen_passes)
-                disk = common.fsync_write_bandwidth(root, int(args.disk_gib * GiB))
+                disk = sbench.fsync_write(root, int(args.disk_gib * GiB))
                 rec["disk_fsync"] = disk["gb_per_s"]
-                sustained = common.fsync_write_bandwidth(root, int(args.gib * GiB), fsync_every=args.block_mb * MiB)
+                sustained = sbench.fsync_write(root, int(args.gib * GiB), fsync_every=args.block_mb * MiB)
                 rec["disk_sustained"] = sustained["gb_per_s"]
                 for w in (1, 2):
                     rec[f"w{w}"] = driver.run(
@@ -443,7 +415,7 @@ def main(argv=None) -> dict[str, Any]:
             sweep_load: list[dict] = []
             sweep_cfgs: dict[str, dict[str, Any]] = {}
             if not args.no_sweeps:
-                srows = lambda d, bm: rows_for(args.sweep_gib, d, bm)  # noqa: E731
+                srows = lambda d, bm: common.rows_for(args.sweep_gib, d, bm)  # noqa: E731
                 ref = {"features": 16, "block_mb": 128, "codec": "crc32c"}
                 sweep_cfgs["ref"] = ref
                 for bm in [int(x) for x in args.block_mbs.split(",")]:
@@ -471,7 +443,7 @@ def main(argv=None) -> dict[str, Any]:
                     print(f"[sweep round {r + 1}/{args.repeats}] GB/s stored: " + ", ".join(line)
                           + f"; other load {sweep_load[-1]['other_busy_cores']:.2f} cores", flush=True)
             profile_runs: list[dict] = []
-            prows = rows_for(args.sweep_gib, args.features, args.block_mb)
+            prows = common.rows_for(args.sweep_gib, args.features, args.block_mb)
             for r in range(args.repeats):
                 res = driver.run(path=store_path, rows=prows, features=args.features, block_mb=args.block_mb, workers=1,
                                  compression=None, checksum=True, profile=True)
@@ -569,6 +541,15 @@ def analyse(args, desc, baseline, driver_base_rss, main_runs, warm_runs, disk_de
                                           mem2["writer_process_peak_over_baseline_blocks"]["max"]), 3.0, higher_is_better=False),
         },
     }
+    # the issue's target: generate+write >= 0.80 x min(generation rate x workers, disk write bandwidth), per round
+    for w, got in ((1, w1), (2, w2)):
+        bound = [min(f * w, d) for f, d in zip(fastest, main_runs["disk_sustained"])]
+        ratio = ratio_summary(got, bound)
+        ratios[f"w{w}_over_min_gen_x_workers_disk"] = ratio
+        targets[f"w{w}_over_min(gen x workers, disk)>=0.80"] = {
+            "value": ratio["median"], "target": 0.80, "verdict": common.verdict(ratio["median"], 0.80),
+            "bound_gb_per_s": summarize(bound),
+            "note": "per round: min(fastest generator per core x workers, sustained write+fsync with an fsync per block)"}
     main = {
         "rows": main_runs["w1"][0]["logical_bytes"] // (4 * (args.features + 1)),
         "features": args.features,

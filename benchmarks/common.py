@@ -8,18 +8,23 @@
 * :class:`RssSampler` - peak RSS of a process tree, sampled on a thread.
 * :func:`baseline_rss` - RSS (and import time) of a fresh interpreter that has
   imported torch, numpy, zarr and shardset: the floor every process pays.
-* :func:`evict` / :func:`resident_bytes` / :func:`warm` - page-cache control with
-  ``posix_fadvise(DONTNEED)`` and a ``mincore(2)`` check of what is still cached.
+* :func:`evict_verified` / :func:`resident_bytes` / :func:`warm` - page-cache control
+  (``shardset.bench.evict``: ``posix_fadvise(DONTNEED)``) and a ``mincore(2)`` check of
+  what is still cached.
+* :func:`arg_parser` / :func:`parse_args` / :func:`replot` - the options every benchmark takes.
 * :func:`data_root` - a scratch directory (never inside the repository) that is
   removed at the end.
 * :func:`save_json`, :func:`plot_path`, :func:`print_table`.
 
-Nothing here imports shardset, so the helpers also work for benchmarks of
-other code paths.
+The raw disk and reader measurements themselves live in :mod:`shardset.bench`
+(also behind ``shardset bench``), so each figure is made by one piece of code;
+this module imports shardset only inside the functions that use it, so the peer
+benchmark's subprocesses can use it in environments without shardset.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import datetime as _dt
@@ -563,21 +568,10 @@ def fincore_text(paths: Sequence[str | os.PathLike], limit: int = 2) -> str | No
         return f"fincore failed: {exc}"
 
 
-def evict(paths: Iterable[str | os.PathLike]) -> None:
-    """Drop the files' pages from the page cache: fdatasync (DONTNEED skips dirty
-    pages), then ``posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            with contextlib.suppress(OSError):
-                os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def evict_verified(paths: Sequence[str | os.PathLike], tries: int = 3) -> dict[str, Any]:
     """:func:`evict` and check with mincore that (almost) nothing stayed cached."""
+    from shardset.bench import evict
+
     before = resident_bytes(paths)
     after = before
     for _ in range(tries):
@@ -588,89 +582,75 @@ def evict_verified(paths: Sequence[str | os.PathLike], tries: int = 3) -> dict[s
     return {"resident_before": before["fraction"], "resident_after": after["fraction"], "resident_bytes_after": after["resident_bytes"]}
 
 
-def warm(paths: Iterable[str | os.PathLike], piece: int = 8 * MiB) -> dict[str, Any]:
+def warm(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
     """Read the files through the page cache (so the next reads are warm); returns
-    the buffered read rate and the residency afterwards."""
-    import numpy as np
+    the buffered read rate (:func:`shardset.bench.buffered_read`) and the residency afterwards."""
+    from shardset.bench import buffered_read
 
     paths = list(paths)
-    buf = np.empty(piece, np.uint8)
-    mv = memoryview(buf)
-    total = 0
-    t0 = time.perf_counter()
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while True:
-                n = f.readinto(mv)
-                if not n:
-                    break
-                total += n
-    dt = time.perf_counter() - t0
-    return {"bytes": total, "seconds": dt, "gb_per_s": total / dt / GB if dt else None, **resident_bytes(paths)}
+    return {**buffered_read(paths), **resident_bytes(paths)}
 
 
-def direct_read(paths: Iterable[str | os.PathLike], piece: int = 8 * MiB) -> dict[str, Any]:
-    """Sequential ``O_DIRECT`` read of the files (page cache bypassed) into one
-    page-aligned buffer (an anonymous mmap) ``piece`` bytes at a time."""
-    buf = mmap.mmap(-1, piece)  # page aligned, as O_DIRECT requires
-    mv = memoryview(buf)
-    total = 0
-    t0 = time.perf_counter()
-    try:
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-            try:
-                while True:
-                    n = os.readv(fd, [mv])
-                    total += n
-                    if n < piece:
-                        break
-            finally:
-                os.close(fd)
-    finally:
-        mv.release()
-        buf.close()
-    dt = time.perf_counter() - t0
-    return {"bytes": total, "seconds": dt, "gb_per_s": total / dt / GB if dt else None}
+def fsync_write_bandwidth(directory: str | os.PathLike, total: int, fsync_every: int | None = None) -> dict[str, Any]:
+    """:func:`shardset.bench.fsync_write` (kept under this name for the scripts that call it)."""
+    from shardset.bench import fsync_write
+
+    return fsync_write(directory, total, fsync_every=fsync_every)
 
 
-def fsync_write_bandwidth(directory: str | os.PathLike, total: int, piece: int = 8 * MiB,
-                          fsync_every: int | None = None) -> dict[str, Any]:
-    """Write ``total`` bytes of random data in ``piece``-byte ``os.write`` calls, then
-    fsync (also after every ``fsync_every`` bytes if given, as a writer that makes each
-    block durable does); the file is removed afterwards.  GB/s counts write + fsync."""
-    import numpy as np
+def rows_for(gib: float, features: int, block_mb: int) -> int:
+    """Rows of X (d floats) + y filling about ``gib`` GiB in whole blocks of ``block_mb``,
+    or fewer rows than one block (a single short block) for a smaller ``gib``."""
+    from shardset.format import FieldSpec, block_rows_for
 
-    buf = np.random.default_rng(12345).integers(0, 256, piece, dtype=np.uint8)
-    mv = memoryview(buf)
-    path = Path(directory) / f"fsync-probe-{os.getpid()}.bin"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    written = 0
-    fsync_s = 0.0
-    try:
-        t0 = time.perf_counter()
-        since = 0
-        while written < total:
-            view = mv[: min(piece, total - written)]
-            while len(view):
-                n = os.write(fd, view)
-                written += n
-                since += n
-                view = view[n:]
-            if fsync_every and since >= fsync_every and written < total:
-                a = time.perf_counter()
-                os.fsync(fd)
-                fsync_s += time.perf_counter() - a
-                since = 0
-        t1 = time.perf_counter()
-        os.fsync(fd)
-        t2 = time.perf_counter()
-        fsync_s += t2 - t1
-    finally:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-    return {"bytes": written, "write_s": (t2 - t0) - fsync_s, "fsync_s": fsync_s, "fsync_every": fsync_every,
-            "gb_per_s": written / (t2 - t0) / GB}
+    fields = {"X": FieldSpec("float32", (features,)), "y": FieldSpec("float32", (1,))}
+    block_rows = block_rows_for(fields, block_mb)
+    rows = int(gib * GiB) // (4 * (features + 1))
+    return max(1, rows) if rows < block_rows else round(rows / block_rows) * block_rows
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def arg_parser(prog: str, doc: str | None, *, repeats: int = 3, data_dir: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --quick, --repeats, --name, --no-plot, --replot
+    (and --data-dir unless ``data_dir=False``). Finish with :func:`parse_args`."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{prog}", description=(doc or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run (results go to <name>_quick)")
+    p.add_argument("--repeats", type=int, default=repeats, help=f"measured rounds (>= 3; default {repeats})")
+    p.add_argument("--name", default=None, help=f"result name: results/NAME.json, plots/NAME.png (default '{prog.removeprefix('bench_')}')")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from benchmarks/results/<name>.json")
+    if data_dir:
+        p.add_argument("--data-dir", default=None,
+                       help=f"parent of the scratch directory (default {DEFAULT_DATA_PARENT}); removed at the end")
+    p.set_defaults(_prog=prog)
+    return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv=None, defaults: dict[str, tuple[Any, Any]] | None = None) -> argparse.Namespace:
+    """Parse, then fill every option left at None from ``defaults[option] = (full, quick)``
+    and the result name (``<name>`` or ``<name>_quick``); refuses fewer than 3 repeats."""
+    a = p.parse_args(argv)
+    for key, (full, quick) in (defaults or {}).items():
+        if getattr(a, key) is None:
+            setattr(a, key, quick if a.quick else full)
+    base = a._prog.removeprefix("bench_")
+    a.name = a.name or (f"{base}_quick" if a.quick else base)
+    del a._prog
+    if a.repeats < 3:
+        p.error("--repeats must be at least 3 (every figure is a median of >= 3 runs)")
+    return a
+
+
+def replot(args: argparse.Namespace, plot) -> dict[str, Any] | None:
+    """With --replot: redraw the PNG from the saved JSON and return the result, else None."""
+    if not args.replot:
+        return None
+    res = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
+    plot(argparse.Namespace(**res["args"]), res)
+    print(f"plot: {plot_path(args.name)}")
+    return res
 
 
 def finish(args, result: dict[str, Any], plot, started: float) -> dict[str, Any]:

@@ -5,9 +5,21 @@ epoch with a keyed Feistel permutation, and stream them back as torch batches.
 """
 
 from .dataset import ShardedDataset
-from .errors import CorruptBlockError, IncompleteStoreError, ShardsetError, StoreFormatError
+from .errors import (
+    CorruptBlockError,
+    IncompleteStoreError,
+    ShardsetError,
+    StoreAccessError,
+    StoreFormatError,
+    StoreIOError,
+    StoreLockedError,
+    StoreNotFoundError,
+)
 from .format import FieldSpec, Layout
 from .permutation import FeistelPermutation
+from .quality import OrderQuality, order_quality, store_quality
+from .shuffle import shuffle_store
+from .sparse import SparseRegressionBlocks, embedding_bag_inputs, generate_sparse_regression, sparse_batch
 from .store import BlockStore
 from .synthetic import (
     FixedRegressionStream,
@@ -16,7 +28,8 @@ from .synthetic import (
     generate_regression,
     true_parameters,
 )
-from .train import FitResult, fit_linear_regression
+from .train import FitResult, SparseFitResult, SparseLinear, fit_linear_regression, fit_sparse_regression
+from .verify import VerifyReport, verify
 from .writer import write, write_blocks
 
 __all__ = [
@@ -28,6 +41,12 @@ __all__ = [
     "Layout",
     "ShardsetError",
     "StoreFormatError",
+    "StoreNotFoundError",
+    "StoreAccessError",
+    "StoreLockedError",
+    "StoreIOError",
+    "verify",
+    "VerifyReport",
     "ShardedDataset",
     "FixedRegressionStream",
     "FreshRegressionStream",
@@ -38,4 +57,15 @@ __all__ = [
     "fit_linear_regression",
     "write",
     "write_blocks",
+    "SparseRegressionBlocks",
+    "generate_sparse_regression",
+    "sparse_batch",
+    "embedding_bag_inputs",
+    "SparseFitResult",
+    "SparseLinear",
+    "fit_sparse_regression",
+    "shuffle_store",
+    "OrderQuality",
+    "order_quality",
+    "store_quality",
 ]

@@ -189,6 +189,11 @@ class ShardedDataset(IterableDataset):
         :meth:`global_state_dict`): then any world size, rank and batch size may
         continue it, and the ranks split the undelivered rows between them.
         """
+        states = [state] if isinstance(state, Mapping) else list(state)
+        for s in states:
+            lacking = [k for k in ("epoch", "batches", *self._stream_settings()) if k not in s]
+            if lacking:
+                raise ValueError(f"not a ShardedDataset state: it lacks {', '.join(lacking)}")
         if isinstance(state, Mapping):
             self._check(state, {**self._stream_settings(), **self._consumer_settings()})
             self.set_epoch(int(state["epoch"]))
@@ -196,7 +201,6 @@ class ShardedDataset(IterableDataset):
             if state.get("remaining") is not None:
                 self._remaining = (int(state["epoch"]), tuple(tuple(i) for i in state["remaining"]))
             return
-        states = list(state)
         if not states:
             raise ValueError("need the states of every consumer of the run, got none")
         for s in states:
@@ -234,7 +238,8 @@ class ShardedDataset(IterableDataset):
     def _stream_settings(self) -> dict[str, Any]:
         """What defines the epoch's stream (must match to continue it)."""
         return {
-            "seed": self.seed, "shuffle": self.shuffle, "rows": self.layout.rows, "window_blocks": self.window_blocks,
+            "store": self.layout.fingerprint(), "seed": self.seed, "shuffle": self.shuffle, "rows": self.layout.rows,
+            "window_blocks": self.window_blocks,
             "blocks": self.layout.num_blocks if self.blocks is None else len(self.blocks),
         }
 

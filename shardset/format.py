@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -145,6 +147,12 @@ class Layout:
             "complete_blocks": blocks_to_ranges(done),
             "complete": len(done) == self.num_blocks,
         }
+
+    def fingerprint(self) -> int:
+        """A CRC-32 of the geometry, fields and generator: two stores that differ in any
+        of them (another seed, bias, shape) get different fingerprints."""
+        meta = {k: v for k, v in self.to_attrs().items() if k not in ("complete_blocks", "complete")}
+        return zlib.crc32(json.dumps(meta, sort_keys=True, default=str).encode())
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any], where: str = "store") -> "Layout":

@@ -5,7 +5,11 @@ fast path when the store is a local directory and the codec chain is the
 default (little-endian bytes, optionally followed by a crc32c checksum): the
 chunk file is read with one ``readinto`` into a reused buffer and its checksum
 verified in place, and a block is written with one ``writev`` + ``fsync`` +
-rename.  Any other store or codec chain goes through zarr's own encode/decode.
+rename.  On object stores (``s3://``, ... see :mod:`shardset.urls`) a block's
+chunk is fetched with concurrent ranged GETs of :attr:`BlockStore.read_part_bytes`
+straight into the buffer and verified the same way; a put of one object is
+atomic, so no temporary object is needed.  Any other codec chain goes through
+zarr's own encode/decode.
 
 Example:
     >>> import numpy as np, tempfile, os
@@ -23,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import uuid
@@ -32,12 +37,15 @@ from typing import Any, Iterable, Mapping
 import crc32c
 import numpy as np
 import zarr
+from zarr.abc.store import RangeByteRequest
 from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from .errors import CorruptBlockError, IncompleteStoreError, StoreFormatError
+from .errors import CorruptBlockError, IncompleteStoreError, StoreAccessError, StoreFormatError, StoreNotFoundError
 from .format import ATTRS_KEY, FieldSpec, Layout, ranges_to_blocks
+from .urls import open_store, parse_url, store_exists
 
 __all__ = ["BlockStore", "COMPRESSIONS", "compressors_for"]
 
@@ -66,12 +74,22 @@ def _fill_value(dtype: np.dtype):
 
 
 class BlockStore:
-    """A shardset store (or any row-chunked Zarr group) opened for whole-block I/O."""
+    """A shardset store (or any row-chunked Zarr group) opened for whole-block I/O.
 
-    def __init__(self, group: zarr.Group, layout: Layout, where: str, *, foreign: bool = False) -> None:
+    ``where`` is a local path or a URL (see :mod:`shardset.urls`); ``storage_options``
+    configure an object store (endpoint, region, credentials).
+    """
+
+    read_part_bytes = 16 << 20  # object stores: one ranged GET per this many bytes of a chunk, all concurrent
+
+    def __init__(
+        self, group: zarr.Group, layout: Layout, where: str, *, foreign: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.group = group
         self.layout = layout
         self.where = where
+        self.storage_options = dict(storage_options or {})
         self.foreign = foreign  # a plain Zarr group without shardset attributes
         self.arrays: dict[str, zarr.Array] = {}
         for name, spec in layout.fields.items():
@@ -93,18 +111,25 @@ class BlockStore:
     # -- opening and creating ------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, mode: str = "r") -> "BlockStore":
-        """Open an existing store; ``mode="r+"`` to write blocks or metadata."""
+    def open(
+        cls, path: str | os.PathLike, *, mode: str = "r", storage_options: Mapping[str, Any] | None = None
+    ) -> "BlockStore":
+        """Open an existing store (a path or URL); ``mode="r+"`` to write blocks or metadata."""
         where = str(path)
+        target = open_store(path, storage_options, read_only=mode == "r")
         try:
-            group = zarr.open_group(path, mode=mode)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            raise StoreFormatError(f"{where} is not a shardset store (no Zarr group there)") from None
+            group = zarr.open_group(target, mode=mode)
+        except PermissionError as exc:
+            raise StoreAccessError(f"cannot read {where}: {exc.strerror or exc}") from None
+        except (FileNotFoundError, FileExistsError, NotADirectoryError, zarr.errors.GroupNotFoundError,
+                zarr.errors.NodeTypeValidationError):  # FileExistsError: mode "r+" on a plain file
+            kind = StoreFormatError if store_exists(path, storage_options) else StoreNotFoundError
+            raise kind(f"{where} is not a shardset store (no Zarr group there)") from None
         except zarr.errors.ContainsArrayError:
             raise StoreFormatError(f"{where} is a Zarr array, not a shardset store (a group)") from None
         if ATTRS_KEY in group.attrs:
-            return cls(group, Layout.from_attrs(group.attrs, where), where)
-        return cls(group, _infer_layout(group, where), where, foreign=True)
+            return cls(group, Layout.from_attrs(group.attrs, where), where, storage_options=storage_options)
+        return cls(group, _infer_layout(group, where), where, foreign=True, storage_options=storage_options)
 
     @classmethod
     def create(
@@ -115,16 +140,21 @@ class BlockStore:
         compression: str | None = None,
         checksum: bool = True,
         overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> "BlockStore":
-        """Create an empty store (no block complete yet) for ``layout``."""
+        """Create an empty store (no block complete yet) for ``layout`` at a path or URL."""
         where = str(path)
         compressors = compressors_for(compression, checksum)
-        if overwrite and os.path.isdir(path):
-            shutil.rmtree(path)
+        local = parse_url(path).local_path
+        if local is not None and os.path.exists(local) and not os.path.isdir(local):
+            raise StoreFormatError(f"{where} is a file, not a store; remove it or choose another path")
+        if overwrite and local is not None and os.path.isdir(local):
+            shutil.rmtree(local)  # zarr's mode "w" empties an object-store prefix itself
+        target = open_store(path, storage_options)
         try:
             # The attributes come first: from its first moment the group says it is an
             # incomplete shardset store, never a plain (complete-looking) Zarr group.
-            group = zarr.open_group(path, mode="w-" if not overwrite else "w", attributes={ATTRS_KEY: layout.to_attrs()})
+            group = zarr.open_group(target, mode="w-" if not overwrite else "w", attributes={ATTRS_KEY: layout.to_attrs()})
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
             raise StoreFormatError(f"{where} already exists; pass overwrite=True (--overwrite) to replace it") from None
         except OSError as exc:
@@ -141,7 +171,7 @@ class BlockStore:
                 fill_value=_fill_value(dtype),
                 config={"write_empty_chunks": True},
             )
-        bs = cls(group, layout, where)
+        bs = cls(group, layout, where, storage_options=storage_options)
         bs._sync_metadata()
         return bs
 
@@ -171,6 +201,11 @@ class BlockStore:
     def mark_complete(self, blocks: Iterable[int]) -> None:
         """Record ``blocks`` (whose chunks are already durable) as complete, durably."""
         self.group.attrs[ATTRS_KEY] = self.layout.to_attrs(self.complete_blocks() | set(blocks))
+        self._sync_metadata()
+
+    def mark_incomplete(self, blocks: Iterable[int]) -> None:
+        """Drop ``blocks`` from the complete list, durably (before they are rewritten)."""
+        self.group.attrs[ATTRS_KEY] = self.layout.to_attrs(self.complete_blocks() - set(blocks))
         self._sync_metadata()
 
     def set_generator(self, generator: Mapping[str, Any]) -> None:
@@ -206,6 +241,8 @@ class BlockStore:
         path = self.chunk_path(name, block)
         if path is not None and self._raw[name] is not None:
             raw = self._read_raw(name, block, path, buffer)
+        elif self._raw[name] is not None:
+            raw = self._read_remote(name, block, buffer)
         else:
             raw = self._read_zarr(name, block, start, stop, buffer)
         return raw.view(spec.dtype).reshape(self.layout.block_rows, *spec.shape)[: stop - start]
@@ -267,28 +304,80 @@ class BlockStore:
     def _describe(self, name: str, block: int) -> str:
         return f"block {block} of field '{name}' ({self.where}/{self.chunk_key(name, block)})"
 
-    def _read_raw(self, name: str, block: int, path: Path, buffer: np.ndarray | None) -> np.ndarray:
-        checksum = self._raw[name]
-        want = self.block_nbytes(name) + (CRC_BYTES if checksum else 0)
+    def _raw_buffer(self, name: str, buffer: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """``(buffer, bytes of the stored chunk)`` for a fast-path read of field ``name``."""
+        want = self.block_nbytes(name) + (CRC_BYTES if self._raw[name] else 0)
         if buffer is None:
             buffer = np.empty(want, dtype=np.uint8)
         elif buffer.nbytes < want:
             raise ValueError(f"buffer too small: {buffer.nbytes} < {want}")
+        return buffer, want
+
+    def _verified(self, name: str, block: int, buffer: np.ndarray, want: int) -> np.ndarray:
+        """The block's bytes in ``buffer``, after checking the stored crc32c (if any)."""
+        data = buffer[: self.block_nbytes(name)]
+        if self._raw[name]:
+            stored = int.from_bytes(buffer[want - CRC_BYTES : want].tobytes(), "little")
+            if crc32c.crc32c(data) != stored:
+                raise CorruptBlockError(f"{self._describe(name, block)} fails its crc32c checksum")
+        return data
+
+    def _read_raw(self, name: str, block: int, path: Path, buffer: np.ndarray | None) -> np.ndarray:
+        buffer, want = self._raw_buffer(name, buffer)
         try:
             with open(path, "rb", buffering=0) as f:
                 got = f.readinto(memoryview(buffer)[:want])
                 extra = len(f.read(1))
         except FileNotFoundError:
             raise CorruptBlockError(f"{self._describe(name, block)} is missing") from None
+        except OSError as exc:  # EIO from a bad sector, a directory in its place, ...
+            raise CorruptBlockError(f"{self._describe(name, block)} cannot be read: {exc.strerror or exc}") from None
         if got != want or extra:
             size = path.stat().st_size
             raise CorruptBlockError(f"{self._describe(name, block)} has {size} bytes, expected {want}")
-        data = buffer[: self.block_nbytes(name)]
-        if checksum:
-            stored = int.from_bytes(buffer[want - CRC_BYTES : want].tobytes(), "little")
-            if crc32c.crc32c(data) != stored:
-                raise CorruptBlockError(f"{self._describe(name, block)} fails its crc32c checksum")
-        return data
+        return self._verified(name, block, buffer, want)
+
+    def _read_remote(self, name: str, block: int, buffer: np.ndarray | None) -> np.ndarray:
+        """Fetch a chunk from an object store in concurrent ranged GETs, straight into ``buffer``.
+
+        Each part is copied into place as it arrives (the event loop never holds the
+        whole block twice).  The last range asks for one byte more than the chunk, so
+        an object that is too long is caught as surely as one that is too short.
+        """
+        buffer, want = self._raw_buffer(name, buffer)
+        store, key = self.group.store, self.chunk_key(name, block)
+        proto = default_buffer_prototype()
+        step = max(1, int(self.read_part_bytes))
+        starts = range(0, want, step)
+
+        async def fetch(start: int) -> int | None:
+            stop = min(start + step, want)
+            got = await store.get(key, proto, RangeByteRequest(start, stop + (stop == want)))
+            if got is None:
+                return None
+            part = got.as_numpy_array()
+            n = min(len(part), stop - start)
+            buffer[start : start + n] = part[:n]
+            return len(part) - (stop - start)  # 0 when exact, < 0 short, 1 for a long object
+
+        async def fetch_all() -> list:
+            return await asyncio.gather(*(fetch(a) for a in starts), return_exceptions=True)
+
+        results = sync(fetch_all())
+        if any(r is None for r in results):
+            raise CorruptBlockError(f"{self._describe(name, block)} is missing")
+        if any(r != 0 for r in results):  # a short or long object, or a range past its end
+            try:
+                size = sync(store.getsize(key))
+            except FileNotFoundError:
+                raise CorruptBlockError(f"{self._describe(name, block)} is missing") from None
+            if size != want:
+                raise CorruptBlockError(f"{self._describe(name, block)} has {size} bytes, expected {want}")
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            raise CorruptBlockError(f"{self._describe(name, block)} changed while it was being read")
+        return self._verified(name, block, buffer, want)
 
     def _read_zarr(self, name: str, block: int, start: int, stop: int, buffer: np.ndarray | None) -> np.ndarray:
         arr = self.arrays[name]

@@ -22,13 +22,15 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .errors import StoreFormatError
 from .format import DEFAULT_BLOCK_MB, FieldSpec, check_int
+from .lock import check_part, locked, metadata_mutex
 from .store import BlockStore
 from .writer import layout_for, open_for_writing, write_blocks
 
@@ -38,6 +40,7 @@ __all__ = [
     "generate_regression",
     "default_weights",
     "true_parameters",
+    "regression_blocks",
     "FreshRegressionStream",
     "FixedRegressionStream",
 ]
@@ -103,6 +106,7 @@ class RegressionBlocks:
             _fill_regression(_torch_generator(self.seed, _BLOCK_KEY, block), X, y, torch.from_numpy(self.weights), self.bias, self.noise)
 
 
+@locked
 def generate_regression(
     path: str | os.PathLike,
     rows: int,
@@ -119,6 +123,10 @@ def generate_regression(
     checksum: bool = True,
     overwrite: bool = False,
     progress: bool | None = None,
+    part: tuple[int, int] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    scheduler: str = "processes",
+    client: Any = None,
 ) -> BlockStore:
     """Generate ``rows`` rows of synthetic regression data into a store at ``path``.
 
@@ -126,15 +134,19 @@ def generate_regression(
     stored as the array ``params/w`` and ``seed``, ``bias``, ``noise`` in the
     attributes.  Parallel over ``workers`` processes (default: all cores),
     resumable by rerunning, and the same bytes whatever ``workers`` is.
+    ``part=(i, k)`` writes only blocks ``b % k == i`` (see :func:`shardset.write_blocks`).
+    ``path`` may be a URL (``s3://bucket/prefix``) with ``storage_options``;
+    ``scheduler="dask"`` makes each block a task on the Dask ``client``.
     """
     features, seed = check_int("features", features), check_int("seed", seed, 0)
     if not np.isfinite(bias) or not np.isfinite(noise) or noise < 0:
         raise ValueError(f"bias must be finite and noise a finite value >= 0, got bias={bias}, noise={noise}")
+    fields = {"X": FieldSpec("float32", (int(features),)), "y": FieldSpec("float32", (1,))}
+    layout = layout_for(rows, fields, block_mb=block_mb, block_rows=block_rows)  # checks sizes before w is drawn
     w = default_weights(int(features), int(seed)) if weights is None else np.asarray(weights, dtype=np.float32).reshape(-1)
     if w.shape != (features,):
         raise ValueError(f"weights must have {features} entries, got {w.size}")
-    fields = {"X": FieldSpec("float32", (int(features),)), "y": FieldSpec("float32", (1,))}
-    generator = {
+    layout.generator = {
         "name": GENERATOR_NAME,
         "algorithm": ALGORITHM,
         "seed": int(seed),
@@ -142,15 +154,18 @@ def generate_regression(
         "noise": float(noise),
         "weights": "params/w",
         "weights_crc32c": _crc(w),
-        "torch": torch.__version__.split("+")[0],
-        "numpy": np.__version__,
+        **_library_versions(),
     }
-    layout = layout_for(rows, fields, block_mb=block_mb, block_rows=block_rows, generator=generator)
     make = RegressionBlocks(layout.rows, layout.block_rows, w, float(bias), float(noise), int(seed))
-    store = open_for_writing(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
-    if "params" not in store.group:
-        store.group.create_array("params/w", data=w, chunks=(min(len(w), 1 << 22),))
-    return write_blocks(path, layout, make, workers=workers, compression=compression, checksum=checksum, progress=progress)
+    check_part(part, overwrite)
+    with metadata_mutex(path):  # part writers: the first one creates params/w
+        store = open_for_writing(
+            path, layout, compression=compression, checksum=checksum, overwrite=overwrite, storage_options=storage_options
+        )
+        if "params" not in store.group:
+            store.group.create_array("params/w", data=w, chunks=(min(len(w), 1 << 22),))
+    return write_blocks(path, layout, make, workers=workers, compression=compression, checksum=checksum,
+                        progress=progress, part=part, storage_options=storage_options, scheduler=scheduler, client=client)
 
 
 def true_parameters(store: BlockStore) -> tuple[np.ndarray, float] | None:
@@ -159,6 +174,34 @@ def true_parameters(store: BlockStore) -> tuple[np.ndarray, float] | None:
     if gen.get("name") != GENERATOR_NAME:
         return None
     return np.asarray(store.group[gen["weights"]][:]), float(gen["bias"])
+
+
+def regression_blocks(store: BlockStore) -> RegressionBlocks:
+    """The block source a synthetic store was generated with, from its attributes.
+
+    Raises :class:`StoreFormatError` when the store has no generator, its
+    ``params/w`` no longer matches the recorded checksum, or this torch/numpy
+    differ from the ones recorded (their streams may change between versions, so
+    a regenerated block could differ without any corruption).
+    """
+    params = true_parameters(store)
+    if params is None:
+        name = store.layout.generator.get("name") or "none recorded"
+        raise StoreFormatError(f"{store.where}: its blocks cannot be regenerated (generator: {name}; "
+                               f"verify regenerates {GENERATOR_NAME})")
+    w, bias = params
+    gen, lay = store.layout.generator, store.layout
+    if _crc(w) != gen.get("weights_crc32c"):
+        raise StoreFormatError(f"{store.where}: {gen['weights']} does not match its recorded crc32c")
+    here = _library_versions()
+    differ = [f"{k} {gen.get(k)} (here {v})" for k, v in here.items() if gen.get(k) != v]
+    if differ:
+        raise StoreFormatError(f"{store.where} was generated with {', '.join(differ)}: regenerated blocks could differ")
+    return RegressionBlocks(lay.rows, lay.block_rows, w, bias, float(gen["noise"]), int(gen["seed"]))
+
+
+def _library_versions() -> dict[str, str]:
+    return {"torch": torch.__version__.split("+")[0], "numpy": np.__version__}
 
 
 def _crc(a: np.ndarray) -> int:

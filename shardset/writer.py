@@ -18,23 +18,29 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import zarr
 from tqdm import tqdm
 
-from .errors import ShardsetError, StoreFormatError
-from .format import ATTRS_KEY, DEFAULT_BLOCK_MB, FieldSpec, Layout, block_rows_for, check_int
+from .errors import ShardsetError, StoreFormatError, StoreIOError
+from .format import ATTRS_KEY, DEFAULT_BLOCK_MB, MIB, FieldSpec, Layout, block_rows_for, check_int
+from .lock import check_part, locked, metadata_mutex, sole_writer
 from .store import BlockStore, compressors_for
+from .urls import open_store, parse_url, store_exists
 
-__all__ = ["write", "write_blocks", "open_for_writing", "layout_for"]
+__all__ = ["write", "write_blocks", "write_some_blocks", "open_for_writing", "layout_for"]
 
 BlockFn = Callable[[int], Mapping[str, np.ndarray]]
 _FLUSH_SECONDS = 0.05  # completion records: at most 20 metadata rewrites a second
@@ -51,6 +57,11 @@ def layout_for(
     """The :class:`Layout` for ``rows`` rows of ``fields`` (``block_rows`` overrides ``block_mb``)."""
     rows = check_int("rows", rows)
     by_size = block_rows_for(fields, block_mb)  # validates block_mb even when block_rows overrides it
+    row_bytes = sum(f.row_bytes for f in fields.values())
+    if row_bytes > block_mb * MIB:
+        raise ValueError(f"one row is {row_bytes:,} bytes, more than a block of block_mb={block_mb} MiB")
+    if rows * row_bytes >= 1 << 63:
+        raise ValueError(f"{rows:,} rows of {row_bytes:,} bytes exceed the 8 EiB (2**63 bytes) a store can hold")
     block_rows = by_size if block_rows is None else check_int("block_rows", block_rows)
     return Layout(rows, min(block_rows, rows), dict(fields), dict(generator or {}))
 
@@ -62,14 +73,23 @@ def open_for_writing(
     compression: str | None = None,
     checksum: bool = True,
     overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> BlockStore:
-    """Create the store, or reopen a compatible one to resume; refuse an incompatible one."""
-    if not overwrite and os.path.exists(path):
+    """Create the store (a path or URL), or reopen a compatible one to resume; refuse an incompatible one."""
+    with metadata_mutex(path):  # cooperating part writers: one creates, the others reopen
+        return _open_or_create(path, layout, compression, checksum, overwrite, storage_options)
+
+
+def _open_or_create(
+    path, layout: Layout, compression: str | None, checksum: bool, overwrite: bool, storage_options
+) -> BlockStore:
+    create = dict(compression=compression, checksum=checksum, storage_options=storage_options)
+    if not overwrite and store_exists(path, storage_options):
         try:
-            store = BlockStore.open(path, mode="r+")
+            store = BlockStore.open(path, mode="r+", storage_options=storage_options)
         except StoreFormatError as exc:
-            if _created_but_empty(path, layout):  # killed while creating: nothing to keep
-                return BlockStore.create(path, layout, compression=compression, checksum=checksum, overwrite=True)
+            if _created_but_empty(path, layout, storage_options):  # killed while creating: nothing to keep
+                return BlockStore.create(path, layout, overwrite=True, **create)
             raise StoreFormatError(f"{exc}; pass overwrite=True (--overwrite) to replace it") from None
         old = store.layout
         if store.foreign or not old.same_shape(layout) or old.generator != layout.generator:
@@ -83,21 +103,29 @@ def open_for_writing(
                 raise StoreFormatError(
                     f"{path} was written with codecs {store.codec_names(name)}; pass overwrite=True to rewrite"
                 )
-        store.remove_partials()
+        if sole_writer(path):  # a live part writer's temporary files are still being written
+            store.remove_partials()
         return store
-    return BlockStore.create(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
+    return BlockStore.create(path, layout, overwrite=overwrite, **create)
 
 
-def _created_but_empty(path: str | os.PathLike, layout: Layout) -> bool:
-    """True for a store of this very layout whose creation was cut short before any block."""
+def _created_but_empty(path: str | os.PathLike, layout: Layout, storage_options) -> bool:
+    """True for a store of this very layout whose creation was cut short before any block
+    (also before its first metadata file: a local directory holding only temporaries)."""
+    local = parse_url(path).local_path
+    if local is not None and os.path.isdir(local):
+        entries = list(Path(local).rglob("*"))
+        if all(p.is_file() and p.name.endswith(".partial") for p in entries):
+            return True
     try:
-        attrs = zarr.open_group(path, mode="r").attrs
+        attrs = zarr.open_group(open_store(path, storage_options, read_only=True), mode="r").attrs
         old = Layout.from_attrs(attrs)
     except Exception:
         return False
     return old.same_shape(layout) and old.generator == layout.generator and not attrs[ATTRS_KEY]["complete_blocks"]
 
 
+@locked
 def write(
     path: str | os.PathLike,
     batches: Iterable[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray],
@@ -109,6 +137,9 @@ def write(
     checksum: bool = True,
     overwrite: bool = False,
     progress: bool | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> BlockStore:
     """Write batches (dicts of equally long arrays, any batch size) as a store.
 
@@ -117,7 +148,17 @@ def write(
     batches must add up to exactly that many rows.  Memory stays at about two
     blocks whatever the dataset size.  Rerunning after an interruption skips the
     blocks already complete (the batches are still consumed, not rewritten).
+
+    ``shuffle=True`` stores the rows in a pseudorandom order drawn from ``seed``,
+    so that every block is a random sample of the whole input (for data written
+    sorted by label, time or source): see :mod:`shardset.shuffle`.  It takes
+    about three blocks of memory and as much temporary disk as the data.
+
+    ``path`` may be a URL (``s3://bucket/prefix``, see :mod:`shardset.urls`) with
+    ``storage_options`` for its endpoint, region and credentials.
     """
+    if shuffle and storage_options:
+        raise ValueError("shuffle=True writes through a local temporary store and takes no storage_options")
     if isinstance(batches, Mapping):
         arrays = batches
         lens = {len(a) for a in arrays.values()}
@@ -126,10 +167,18 @@ def write(
         rows = lens.pop() if rows is None else rows
         specs = {k: FieldSpec.of(np.asarray(a[:1])) for k, a in arrays.items()}
         layout = layout_for(rows, specs, block_mb=block_mb, block_rows=block_rows)
-        store = open_for_writing(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
+
+        def block(b: int) -> dict[str, np.ndarray]:
+            return {k: np.asarray(a[slice(*layout.block_range(b))]) for k, a in arrays.items()}
+
+        if shuffle:
+            blocks = map(block, range(layout.num_blocks))
+            return _write_shuffled(path, layout, blocks, seed, compression, checksum, overwrite, progress)
+        store = open_for_writing(
+            path, layout, compression=compression, checksum=checksum, overwrite=overwrite, storage_options=storage_options
+        )
         todo = store.missing_blocks()
-        blocks = ((b, {k: np.asarray(a[slice(*layout.block_range(b))]) for k, a in arrays.items()}) for b in todo)
-        _run(store, blocks, len(todo), progress)
+        _run(store, ((b, block(b)) for b in todo), len(todo), progress)
         return store
     if rows is None:
         raise ValueError("rows= is required when writing an iterable of batches")
@@ -139,13 +188,27 @@ def write(
     except StopIteration:
         raise ValueError("no batches to write") from None
     layout = layout_for(rows, {k: FieldSpec.of(v) for k, v in first.items()}, block_mb=block_mb, block_rows=block_rows)
-    store = open_for_writing(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
+    if shuffle:
+        chunks = (arr for _, arr in _rebatch(layout, _chain(first, it)))
+        return _write_shuffled(path, layout, chunks, seed, compression, checksum, overwrite, progress)
+    store = open_for_writing(
+        path, layout, compression=compression, checksum=checksum, overwrite=overwrite, storage_options=storage_options
+    )
     done = store.complete_blocks()
     blocks = ((b, arr) for b, arr in _rebatch(layout, _chain(first, it)) if b not in done)
     _run(store, blocks, layout.num_blocks - len(done), progress)
     return store
 
 
+def _write_shuffled(path, layout: Layout, chunks, seed: int, compression, checksum: bool, overwrite, progress) -> BlockStore:
+    from .shuffle import write_shuffled  # shuffle builds on this module
+
+    return write_shuffled(
+        path, layout, chunks, seed=seed, compression=compression, checksum=checksum, overwrite=overwrite, progress=progress
+    )
+
+
+@locked
 def write_blocks(
     path: str | os.PathLike,
     layout: Layout,
@@ -156,21 +219,54 @@ def write_blocks(
     checksum: bool = True,
     overwrite: bool = False,
     progress: bool | None = None,
+    part: tuple[int, int] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    scheduler: str = "processes",
+    client: Any = None,
 ) -> BlockStore:
     """Write every block ``b`` as ``make_block(b)``, in parallel over processes.
 
     ``make_block`` must be picklable and a pure function of the block id: then the
     bytes do not depend on ``workers`` nor on the order blocks are written, and an
-    interrupted run is finished by rerunning it.
+    interrupted run is finished by rerunning it.  ``part=(i, k)`` writes only the
+    blocks ``b`` with ``b % k == i``, so ``k`` processes (on one host, or any hosts
+    sharing a filesystem with working ``flock``) can split a store between them;
+    the store is complete when every part has finished.  The writer lock
+    (:mod:`shardset.lock`) refuses a second writer of the same blocks.
+
+    ``scheduler="dask"`` runs one task per block on a ``dask.distributed`` cluster
+    instead (``client``, default: the current client; ``workers`` is ignored): see
+    :mod:`shardset.dask_writer`.  ``path`` may be a URL with ``storage_options``.
     """
-    store = open_for_writing(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
-    todo = store.missing_blocks()
-    workers = _resolve_workers(workers, len(todo))
-    if workers <= 1:
-        _run(store, _produce(make_block, store.layout, todo), len(todo), progress)
-    else:
-        _run_processes(store, make_block, todo, workers, progress)
+    if scheduler not in ("processes", "dask"):
+        raise ValueError(f"scheduler must be 'processes' or 'dask', got {scheduler!r}")
+    part = check_part(part, overwrite)
+    store = open_for_writing(
+        path, layout, compression=compression, checksum=checksum, overwrite=overwrite, storage_options=storage_options
+    )
+    todo = [b for b in store.missing_blocks() if part is None or b % part[1] == part[0]]
+    if scheduler == "dask":
+        from .dask_writer import run_dask
+
+        run_dask(store, make_block, todo, client, progress)
+        return store
+    write_some_blocks(store, make_block, todo, workers=workers, progress=progress)
     return store
+
+
+def write_some_blocks(
+    store: BlockStore, make_block: BlockFn, blocks: list[int], *, workers: int | None = None, progress: bool | None = None
+) -> None:
+    """Write ``blocks`` of an open store as ``make_block(b)`` and record them complete.
+
+    The caller holds the writer lock (:func:`shardset.lock.writer_lock`); this is
+    the loop behind :func:`write_blocks` and ``shardset verify --repair``.
+    """
+    workers = _resolve_workers(workers, len(blocks)) if parse_url(store.where).shared else 1  # memory:// is per process
+    if workers <= 1:
+        _run(store, _produce(make_block, store.layout, blocks), len(blocks), progress)
+    else:
+        _run_processes(store, make_block, blocks, workers, progress)
 
 
 # -- the shared write loop ---------------------------------------------------------
@@ -239,7 +335,8 @@ class _Progress:
 
     def flush(self) -> None:
         if self.pending:
-            self.store.mark_complete(self.pending)
+            with metadata_mutex(self.store.where):  # part writers merge their records one at a time
+                self.store.mark_complete(self.pending)
             self.pending = []
         self.last_flush = time.monotonic()
 
@@ -249,38 +346,75 @@ class _Progress:
 
 
 def _run(store: BlockStore, blocks, nblocks: int, progress: bool | None) -> None:
-    prog = _Progress(store, nblocks, progress)
-    try:
-        _write_loop(store, blocks, prog)
-    finally:
-        prog.close()
+    with _os_errors(store):
+        prog = _Progress(store, nblocks, progress)
+        try:
+            _write_loop(store, blocks, prog)
+        finally:
+            prog.close()
 
 
-def _process_main(path: str, make_block: BlockFn, blocks: list[int], results) -> None:
+@contextlib.contextmanager
+def _os_errors(store: BlockStore) -> Iterator[None]:
+    """Turn an OS error while writing (disk full, EIO) into a one-line :class:`StoreIOError`."""
     try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, ShardsetError):
+            raise
+        raise _io_error(store, exc.errno, exc.strerror or str(exc)) from exc
+
+
+def _io_error(store: BlockStore, errno: int | None, reason: str) -> StoreIOError:
+    try:
+        kept = f"{len(store.complete_blocks())} of {store.layout.num_blocks} blocks are complete and kept"
+    except Exception:  # the metadata itself may be unreadable now; the message must still come out
+        kept = "the finished blocks are kept"
+    err = StoreIOError(f"writing {store.where} failed: {reason}; {kept}: fix the cause and rerun to resume")
+    err.errno = errno
+    return err
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this writer process when its parent dies; an
+    orphan would write on, unrecorded, and then block forever on the full queue."""
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != mp.parent_process().pid:  # the parent died before the call above
+        os._exit(1)
+
+
+def _process_main(path: str, storage_options, make_block: BlockFn, blocks: list[int], results) -> None:
+    try:
+        _die_with_parent()
         import torch
 
         torch.set_num_threads(1)
-        store = BlockStore.open(path, mode="r+")
+        store = BlockStore.open(path, mode="r+", storage_options=storage_options)
         _write_loop(store, _produce(make_block, store.layout, blocks), lambda b: results.put(("done", b)))
         results.put(("exit", os.getpid()))
     except BaseException as exc:  # reported to the parent, which raises it
-        results.put(("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, ShardsetError) else str(exc)))
+        if isinstance(exc, OSError) and not isinstance(exc, ShardsetError):
+            results.put(("oserror", (exc.errno, exc.strerror or str(exc))))
+        else:
+            results.put(("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, ShardsetError) else str(exc)))
 
 
 def _run_processes(store: BlockStore, make_block: BlockFn, todo: list[int], workers: int, progress) -> None:
-    # fork, as DataLoader workers do: torch resets its thread pools and zarr its event
-    # loop in a forked child, and a spawned child would spend seconds importing torch.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ctx = process_context(store)
     results = ctx.Queue()
+    args = (store.where, store.storage_options, make_block)
     procs = [
-        ctx.Process(target=_process_main, args=(store.where, make_block, todo[w::workers], results), daemon=True)
+        ctx.Process(target=_process_main, args=(*args, todo[w::workers], results), daemon=True)
         for w in range(workers)
     ]
     for p in procs:
         p.start()
     prog = _Progress(store, len(todo), progress)
-    exited, error = 0, None
+    exited, error, os_error = 0, None, None
     try:
         while exited < workers and error is None:
             try:
@@ -294,6 +428,8 @@ def _run_processes(store: BlockStore, make_block: BlockFn, todo: list[int], work
                 prog(value)
             elif kind == "exit":
                 exited += 1
+            elif kind == "oserror":
+                os_error = error = value
             else:
                 error = value
     finally:
@@ -301,9 +437,25 @@ def _run_processes(store: BlockStore, make_block: BlockFn, todo: list[int], work
             if p.is_alive() and (error is not None or exited < workers):
                 p.terminate()
             p.join()
-        prog.close()
+        if error is not None and sole_writer(store.where):  # what the terminated writers left half done
+            store.remove_partials()
+        with _os_errors(store):
+            prog.close()
+    if os_error is not None:
+        raise _io_error(store, *os_error)
     if error is not None:
         raise ShardsetError(f"writing {store.where} failed: {error}; rerun to resume")
+
+
+def process_context(store: BlockStore) -> mp.context.BaseContext:
+    """How to start worker processes for ``store``.
+
+    fork, as DataLoader workers do: torch resets its thread pools and zarr its event
+    loop in a forked child, and a spawned child would spend seconds importing torch.
+    Object stores need spawn: obstore's runtime, already used here, hangs after fork.
+    """
+    fork = "fork" in mp.get_all_start_methods() and store.local_root is not None
+    return mp.get_context("fork" if fork else "spawn")
 
 
 def _resolve_workers(workers: int | None, nblocks: int) -> int:

@@ -1,0 +1,298 @@
+"""Beyond one machine: streaming from a local S3 server, and generation on Dask.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_s3            # default, a few minutes
+    python -m benchmarks.bench_s3 --quick    # smoke run
+
+Measured in one invocation, in interleaved rounds:
+
+* **backends**: plain whole-object GETs of every chunk of the store through
+  zarr's ``ObjectStore`` (obstore) and ``FsspecStore`` (s3fs), 1 and 4 in
+  flight: the figure that chose obstore;
+* **streaming**, for each prefetch depth and ranged-read part size: the
+  reader's I/O layer (``prefetch`` threads loading every block of every field
+  with ``BlockStore.read_block``: ranged GETs, copy into a reused buffer,
+  CRC-32C check) and one whole shuffled epoch of ``ShardedDataset``
+  (``num_workers=0``, batch 4096: adds the row order, gather and batching on
+  the same 2 cores as the server), each against a tight loop of plain GETs of
+  the same objects with the same number of requests in flight (``prefetch``
+  blocks x the ranged parts of the largest chunk), issued straight through
+  obstore;
+* **Dask generation**: ``generate_regression`` with ``scheduler="dask"`` on a
+  ``LocalCluster`` of 2 worker processes (started and warmed before timing)
+  against the local process pool (``workers=2``), into a local directory.
+
+The S3 server is ``moto_server`` on 127.0.0.1 (:mod:`shardset.s3server`), a
+single Python process that shares the 2 cores with the client; its absolute
+figures say little about S3, the ratios are the point.  Results go to
+``benchmarks/results/<name>.json`` and ``benchmarks/plots/<name>.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import shutil
+import threading
+import time
+from typing import Any
+
+from . import common
+from .common import MiB, fmt, fmt_ratio, print_table, ratio_summary, summarize
+
+BUCKET = "bench"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+
+
+def parse_args(argv=None):
+    p = common.arg_parser("bench_s3", __doc__)
+    p.add_argument("--s3-mib", type=int, default=None, help="store size on the S3 server (default 384; quick 64)")
+    p.add_argument("--block-mib", type=float, default=None, help="S3 store block size (default 32; quick 8)")
+    p.add_argument("--prefetch", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--parts", type=int, nargs="+", default=[1, 4], help="ranged reads per chunk")
+    p.add_argument("--dask-mib", type=int, default=None, help="data generated per Dask run (default 1024; quick 128)")
+    p.add_argument("--features", type=int, default=16)
+    return common.parse_args(p, argv, {"s3_mib": (384, 64), "block_mib": (32, 8), "dask_mib": (1024, 128)})
+
+
+def _rows(mib: float, features: int) -> int:
+    return int(mib * MiB) // (4 * (features + 1))
+
+
+# -- plain GETs ------------------------------------------------------------------------
+
+
+def plain_gets(store, keys: list[str], in_flight: int) -> float:
+    """Seconds to GET every key whole through obstore, ``in_flight`` at a time."""
+    import obstore as obs
+
+    async def run() -> None:
+        sem = asyncio.Semaphore(in_flight)
+
+        async def one(key: str) -> None:
+            async with sem:
+                resp = await obs.get_async(store, key)
+                await resp.bytes_async()
+
+        await asyncio.gather(*(one(k) for k in keys))
+
+    start = time.perf_counter()
+    asyncio.run(run())
+    return time.perf_counter() - start
+
+
+def zarr_gets(zstore, keys: list[str], in_flight: int) -> float:
+    """Seconds to GET every key whole through a zarr store's ``get`` (zarr's event loop)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    proto = default_buffer_prototype()
+
+    async def run() -> None:
+        sem = asyncio.Semaphore(in_flight)
+
+        async def one(key: str) -> None:
+            async with sem:
+                await zstore.get(key, proto)
+
+        await asyncio.gather(*(one(k) for k in keys))
+
+    start = time.perf_counter()
+    sync(run())
+    return time.perf_counter() - start
+
+
+def fetch_blocks(url: str, prefetch: int, part_bytes: int) -> float:
+    """Seconds for ``prefetch`` threads to load and verify every block of every field."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shardset import BlockStore
+
+    BlockStore.read_part_bytes = part_bytes
+    store = BlockStore.open(url)
+    local = threading.local()
+
+    def load(block: int) -> None:
+        if not hasattr(local, "bufs"):
+            local.bufs = {f: store.new_buffer(f) for f in store.layout.fields}
+        for f, buf in local.bufs.items():
+            store.read_block(f, block, buf)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(prefetch) as pool:
+        list(pool.map(load, range(store.layout.num_blocks)))
+    return time.perf_counter() - start
+
+
+def read_epoch(url: str, prefetch: int, part_bytes: int) -> float:
+    """Seconds for one shuffled epoch of ShardedDataset over ``url``."""
+    from shardset import BlockStore, ShardedDataset
+
+    BlockStore.read_part_bytes = part_bytes
+    ds = ShardedDataset(url, 4096, seed=1, prefetch=prefetch)
+    start = time.perf_counter()
+    for _ in ds:
+        pass
+    return time.perf_counter() - start
+
+
+# -- the benchmark -----------------------------------------------------------------------
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if (res := common.replot(args, plot)) is not None:
+        return res
+    common.exit_on_sigterm()
+    import shardset
+    from shardset import BlockStore
+    from shardset.s3server import local_s3_server
+    from shardset.urls import open_store
+
+    started = time.perf_counter()
+    with common.data_root(args.data_dir, "s3-") as root, local_s3_server(BUCKET, log=root / "moto.log") as endpoint:
+        desc = common.machine_description(root)
+        print(f"machine: {common.describe_machine_line(desc)}")
+        os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=endpoint)  # ShardedDataset takes the endpoint from here
+        url = f"s3://{BUCKET}/reg.zarr"
+        block_rows = _rows(args.block_mib, args.features)
+        store = shardset.generate_regression(url, _rows(args.s3_mib, args.features), args.features,
+                                             block_rows=block_rows, workers=1, progress=False)
+        lay = store.layout
+        keys = [store.chunk_key(f, b) for b in range(lay.num_blocks) for f in lay.fields]
+        stored = store.nbytes_stored()
+        chunk_x = store.block_nbytes("X") + 4
+        print(f"S3 store: {lay.num_blocks} blocks of {lay.block_rows * lay.row_bytes / MiB:.1f} MiB, "
+              f"{stored / MiB:.0f} MiB stored, endpoint {endpoint}\n", flush=True)
+        obstore_store = open_store(url).store
+        from zarr.storage import FsspecStore
+
+        backends = {"obstore": open_store(url), "s3fs": FsspecStore.from_url(
+            url, storage_options={"endpoint_url": endpoint, "key": "bench", "secret": "bench"}, read_only=True)}
+        configs = [(p, k) for p in args.prefetch for k in args.parts]
+        back_runs: dict[str, list[float]] = {f"{b}@{c}": [] for b in backends for c in (1, 4)}
+        read_runs: dict[str, list[float]] = {f"{p}x{k}": [] for p, k in configs}
+        fetch_runs: dict[str, list[float]] = {f"{p}x{k}": [] for p, k in configs}
+        base_runs: dict[str, list[float]] = {f"{p}x{k}": [] for p, k in configs}
+        default_part = BlockStore.read_part_bytes
+        for r in range(args.repeats):
+            print(f"round {r + 1}/{args.repeats}: backends, streaming ...", flush=True)
+            for name, zs in backends.items():
+                for c in (1, 4):
+                    back_runs[f"{name}@{c}"].append(stored / zarr_gets(zs, keys, c))
+            for p, k in configs:
+                part = -(-chunk_x // k)
+                fetch_runs[f"{p}x{k}"].append(stored / fetch_blocks(url, p, part))
+                read_runs[f"{p}x{k}"].append(stored / read_epoch(url, p, part))
+                base_runs[f"{p}x{k}"].append(stored / plain_gets(obstore_store, keys, p * k))
+        BlockStore.read_part_bytes = default_part
+        streaming = {
+            key: {"prefetch": p, "parts": k, "in_flight": p * k, "blocks_bytes_per_s": summarize(fetch_runs[key]),
+                  "reader_bytes_per_s": summarize(read_runs[key]), "plain_get_bytes_per_s": summarize(base_runs[key]),
+                  "blocks_ratio": ratio_summary(fetch_runs[key], base_runs[key]),
+                  "ratio": ratio_summary(read_runs[key], base_runs[key])}
+            for (p, k), key in zip(configs, read_runs)
+        }
+        backend = {k: summarize(v) for k, v in back_runs.items()}
+        backend["obstore_over_s3fs"] = {str(c): ratio_summary(back_runs[f"obstore@{c}"], back_runs[f"s3fs@{c}"]) for c in (1, 4)}
+
+        dask = bench_dask(args, root)
+
+    best = max(streaming.values(), key=lambda s: s["ratio"]["median"])
+    best_blocks = max(streaming.values(), key=lambda s: s["blocks_ratio"]["median"])
+    result = {
+        "args": vars(args), "machine": desc, "endpoint": "moto_server on 127.0.0.1",
+        "s3_store": {"blocks": lay.num_blocks, "block_bytes": lay.block_rows * lay.row_bytes, "stored_bytes": stored},
+        "backends_bytes_per_s": backend, "streaming": streaming,
+        "streaming_target": {"target": 0.8, "best": best, "verdict": common.verdict(best["ratio"]["median"], 0.8),
+                             "best_blocks": best_blocks,
+                             "blocks_verdict": common.verdict(best_blocks["blocks_ratio"]["median"], 0.8)},
+        "dask": dask,
+    }
+    report(result)
+    return common.finish(args, result, plot, started)
+
+
+def bench_dask(args, root) -> dict[str, Any]:
+    """Dask (2 worker processes) vs the local process pool (2 processes), same store, interleaved."""
+    import shardset
+    from distributed import Client, LocalCluster
+
+    rows = _rows(args.dask_mib, args.features)
+    kw = dict(block_mb=64) if not args.quick else dict(block_rows=_rows(16, args.features))
+    runs: dict[str, list[float]] = {"local": [], "dask": []}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.run(importlib.import_module, "shardset.synthetic")  # a running cluster has its imports done
+        for r in range(args.repeats):
+            print(f"round {r + 1}/{args.repeats}: Dask vs process pool, {args.dask_mib} MiB ...", flush=True)
+            for mode in ("local", "dask"):
+                path = root / f"{mode}.zarr"
+                shutil.rmtree(path, ignore_errors=True)
+                extra = {"scheduler": "dask", "client": client} if mode == "dask" else {"workers": 2}
+                start = time.perf_counter()
+                store = shardset.generate_regression(path, rows, args.features, progress=False, **kw, **extra)
+                runs[mode].append(store.nbytes_stored() / (time.perf_counter() - start))
+        blocks = store.layout.num_blocks
+    ratio = ratio_summary(runs["dask"], runs["local"])
+    return {"rows": rows, "blocks": blocks, "local_bytes_per_s": summarize(runs["local"]),
+            "dask_bytes_per_s": summarize(runs["dask"]), "ratio": ratio, "target": 0.8,
+            "verdict": common.verdict(ratio["median"], 0.8)}
+
+
+def report(res: dict[str, Any]) -> None:
+    b = res["backends_bytes_per_s"]
+    print_table(["backend (plain GETs via zarr store)", "1 in flight MB/s", "4 in flight MB/s"],
+                [[n, fmt(b[f"{n}@1"], 1 / 1e6, 0), fmt(b[f"{n}@4"], 1 / 1e6, 0)] for n in ("obstore", "s3fs")]
+                + [["obstore / s3fs", fmt_ratio(b["obstore_over_s3fs"]["1"]), fmt_ratio(b["obstore_over_s3fs"]["4"])]],
+                title="S3 client backends (moto_server on 127.0.0.1)")
+    t = res["streaming_target"]
+    print_table(["prefetch", "parts/chunk", "in flight", "plain GETs MB/s", "block loads MB/s", "ratio",
+                 "ShardedDataset epoch MB/s", "ratio"],
+                [[s["prefetch"], s["parts"], s["in_flight"], fmt(s["plain_get_bytes_per_s"], 1 / 1e6, 0),
+                  fmt(s["blocks_bytes_per_s"], 1 / 1e6, 0), fmt_ratio(s["blocks_ratio"]),
+                  fmt(s["reader_bytes_per_s"], 1 / 1e6, 0), fmt_ratio(s["ratio"])] for s in res["streaming"].values()],
+                title=f"s3:// vs plain GETs, same in-flight count (target 0.80: block loads {t['blocks_verdict']}, "
+                      f"whole epoch {t['verdict']})")
+    d = res["dask"]
+    print_table(["writer", "MB/s"], [["process pool, 2 processes", fmt(d["local_bytes_per_s"], 1 / 1e6, 0)],
+                                     ["Dask LocalCluster, 2 workers", fmt(d["dask_bytes_per_s"], 1 / 1e6, 0)],
+                                     ["Dask / pool", fmt_ratio(d["ratio"])]],
+                title=f"generate_regression, {d['blocks']} blocks (target 0.80: {d['verdict']})")
+
+
+def plot(args, res: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    for parts in sorted({s["parts"] for s in res["streaming"].values()}):
+        ss = sorted((s for s in res["streaming"].values() if s["parts"] == parts), key=lambda s: s["prefetch"])
+        x = [s["prefetch"] for s in ss]
+        for key, style, label in (("blocks_bytes_per_s", "-^", "block loads"), ("reader_bytes_per_s", "-o", "epoch"),
+                                  ("plain_get_bytes_per_s", "--s", "plain GETs")):
+            e = [common.errbar(s[key], 1e-6) for s in ss]
+            ax1.errorbar(x, [v[0] for v in e], yerr=[[v[1] for v in e], [v[2] for v in e]], fmt=style, capsize=3,
+                         label=f"{label}, {parts} part(s)/chunk")
+    ax1.set_xlabel("prefetch depth (blocks)")
+    ax1.set_ylabel("MB/s (median, min-max)")
+    ax1.set_title("s3:// streaming vs plain GETs at the same concurrency")
+    ax1.legend(fontsize=8)
+    d = res["dask"]
+    items = [("process pool", d["local_bytes_per_s"]), ("Dask 2 workers", d["dask_bytes_per_s"])]
+    e = [common.errbar(s, 1e-6) for _, s in items]
+    ax2.bar([n for n, _ in items], [v[0] for v in e], yerr=[[v[1] for v in e], [v[2] for v in e]], capsize=4,
+            color=["#999", "#1f77b4"])
+    ax2.set_ylabel("MB/s")
+    ax2.set_title(f"generate_regression, {d['blocks']} blocks: Dask / pool = {d['ratio']['median']:.2f}")
+    fig.tight_layout()
+    fig.savefig(common.plot_path(args.name), dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Shuffle quality of the reader's orders, the cost of a shuffle window, and the write-time shuffle.
+
+Run from the repository root::
+
+    python -m benchmarks.shuffle_quality            # ~4 minutes on 2 cores
+    python -m benchmarks.shuffle_quality --quick    # smoke run
+
+Three parts:
+
+1. **Quality** (:mod:`shardset.quality`) of the order one epoch delivers from a
+   store of regression rows sorted by y (label = decile of y, so every block
+   holds one or two classes): no shuffle, block shuffle with windows
+   ``W = 1, 2, 4, 8``, and the same rows written with ``shuffle=True`` read with
+   ``W = 1``; beside each, a uniform shuffle of the same labels.  Measured VIF
+   against ``1 + rho (b - 1) / W``.  Epochs 0..``--repeats``-1 give the
+   median [min-max].  Blocks are small (``--block-rows``): the metrics depend
+   on rows per block and per batch, not on bytes.
+2. **Throughput** of ``ShardedDataset`` with ``W = 8`` against ``W = 1`` on one
+   store (warm page cache), rounds alternating the two, ratio per round.
+3. **Write-time shuffle** of a store (``shardset.shuffle_store``, one gather
+   process) against the sequential write bandwidth of the same disk with an
+   fsync per block (:func:`benchmarks.common.fsync_write_bandwidth`), and its
+   peak RSS in blocks over a fresh interpreter's, at two store sizes (memory
+   must not grow with the size).
+
+Results: ``benchmarks/results/<name>.json`` and ``benchmarks/plots/<name>.png``
+(default name ``shuffle_quality``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import shardset
+from shardset import ShardedDataset
+
+from . import common
+from .common import fmt, fmt_ratio, print_table, ratio_summary, summarize, verdict
+from .convergence import make_data, write_stores
+
+WINDOWS = (1, 2, 4, 8)
+METRICS = ("batch_tv", "vif", "effective_batch", "drift_tv", "rank_correlation", "adjacent_same_batch")
+
+_SHUFFLE_CHILD = """
+import sys, time
+from shardset.shuffle import shuffle_store
+t0 = time.perf_counter()
+shuffle_store(sys.argv[1], sys.argv[2], seed=1, workers=1, progress=False)
+print(time.perf_counter() - t0)
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=1 << 19, help="rows of the quality store")
+    p.add_argument("--block-rows", type=int, default=1 << 12, help="rows per block of the quality store")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--read-mib", type=int, default=256, help="size of the throughput store")
+    p.add_argument("--read-block-mib", type=int, default=16, help="block size of the throughput store")
+    p.add_argument("--shuffle-mib", default="256,1024", help="store sizes for the write-time shuffle")
+    p.add_argument("--shuffle-block-mib", type=int, default=32)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--name", default=None)
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rows, args.block_rows, args.read_mib, args.read_block_mib = 1 << 16, 1 << 10, 64, 4
+        args.shuffle_mib, args.shuffle_block_mib = "32,64", 4
+    args.name = args.name or ("shuffle_quality_quick" if args.quick else "shuffle_quality")
+    return args
+
+
+# -- 1. quality ---------------------------------------------------------------------------
+
+
+def quality(args, root: Path) -> dict[str, Any]:
+    from shardset.quality import store_quality
+
+    stores = write_stores(root / "quality", make_data(args.rows, 16, 1.0), args.block_rows)
+    configs = [("no shuffle", stores["sorted"], 1, False)]
+    configs += [(f"W = {w}", stores["sorted"], w, True) for w in WINDOWS]
+    configs.append(("write shuffle + W = 1", stores["sorted write-shuffled"], 1, True))
+    out: dict[str, Any] = {}
+    for name, path, window, shuffle in configs:
+        reps = [
+            store_quality(path, args.batch_size, id_field="row", window_blocks=window, seed=0, epoch=e, shuffle=shuffle)
+            for e in range(args.repeats if shuffle else 1)
+        ]
+        rec = {
+            "window_blocks": window, "rho": reps[0]["rho"], "predicted_vif": reps[0]["predicted_vif"],
+            "reader": {m: summarize([r["reader"][m] for r in reps]) for m in METRICS},
+            "uniform": {m: summarize([r["uniform"][m] for r in reps]) for m in METRICS},
+            "adjacent_same_batch_uniform": reps[0]["reader"]["adjacent_same_batch_uniform"],
+            "tv_by_position": np.median([r["reader"]["tv_by_position"] for r in reps], axis=0).tolist(),
+        }
+        rec["vif_vs_formula"] = rec["reader"]["vif"]["median"] / rec["predicted_vif"]
+        out[name] = rec
+        print(f"{name:22} TV {fmt(rec['reader']['batch_tv'], digits=3)}  VIF {fmt(rec['reader']['vif'], digits=1)} "
+              f"(formula {rec['predicted_vif']:.1f})", flush=True)
+    return out
+
+
+# -- 2. throughput --------------------------------------------------------------------------
+
+
+def read_epoch(path: str, batch_size: int, window: int) -> float:
+    ds = ShardedDataset(path, batch_size, window_blocks=window)
+    t0, rows = time.perf_counter(), 0
+    for X, _ in ds:
+        rows += len(X)
+    return rows / (time.perf_counter() - t0)
+
+
+def throughput(args, root: Path) -> dict[str, Any]:
+    row_bytes = 17 * 4
+    block_rows = args.read_block_mib * common.MiB // row_bytes
+    rows = args.read_mib * common.MiB // row_bytes
+    path = str(root / "read.zarr")
+    shardset.generate_regression(path, rows=rows, features=16, block_rows=block_rows, workers=1, progress=False)
+    common.warm(common.tree_files(path))
+    read_epoch(path, args.batch_size, 1)  # warm-up, discarded
+    rates: dict[int, list[float]] = {1: [], 8: []}
+    for r in range(args.repeats):
+        for w in ((1, 8) if r % 2 == 0 else (8, 1)):
+            rates[w].append(read_epoch(path, args.batch_size, w))
+        print(f"read round {r + 1}: W=1 {rates[1][-1] / 1e6:.2f} M rows/s, W=8 {rates[8][-1] / 1e6:.2f} M rows/s", flush=True)
+    return {
+        "rows": rows, "block_rows": block_rows, "blocks": -(-rows // block_rows), "batch_size": args.batch_size,
+        "rows_per_s": {f"W={w}": summarize(v) for w, v in rates.items()},
+        "w8_over_w1": ratio_summary(rates[8], rates[1]),
+    }
+
+
+# -- 3. write-time shuffle -------------------------------------------------------------------
+
+
+def write_shuffle(args, root: Path, baseline_rss: float) -> list[dict[str, Any]]:
+    row_bytes = 17 * 4
+    block_rows = args.shuffle_block_mib * common.MiB // row_bytes
+    block_bytes = block_rows * row_bytes
+    out = []
+    for mib in (int(s) for s in args.shuffle_mib.split(",")):
+        rows = mib * common.MiB // row_bytes
+        src, dst = root / f"src-{mib}.zarr", root / f"dst-{mib}.zarr"
+        shardset.generate_regression(src, rows=rows, features=16, block_rows=block_rows, workers=1, progress=False)
+        shuffle_s, rss, disk = [], [], []
+        for _ in range(args.repeats):
+            disk.append(common.fsync_write_bandwidth(root, rows * row_bytes, fsync_every=block_bytes)["gb_per_s"])
+            proc = subprocess.Popen([sys.executable, "-c", _SHUFFLE_CHILD, str(src), str(dst)], cwd=common.REPO_ROOT,
+                                    stdout=subprocess.PIPE, text=True)
+            with common.RssSampler(proc.pid) as sampler:
+                seconds, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"shuffle_store failed with exit code {proc.returncode}")
+            shuffle_s.append(float(seconds))  # timed inside the child: its interpreter start is not the shuffle's
+            rss.append((sampler.result()["parent_max_rss"] - baseline_rss) / block_bytes)
+            shutil.rmtree(dst)
+        gbs = [rows * row_bytes / s / common.GB for s in shuffle_s]
+        rec = {
+            "mib": mib, "rows": rows, "block_rows": block_rows, "blocks": -(-rows // block_rows),
+            "shuffle_gb_per_s": summarize(gbs), "disk_write_gb_per_s": summarize(disk),
+            "shuffle_over_disk": ratio_summary(gbs, disk), "peak_rss_blocks_over_baseline": summarize(rss),
+        }
+        out.append(rec)
+        print(f"shuffle {mib} MiB: {fmt(rec['shuffle_gb_per_s'])} GB/s, disk {fmt(rec['disk_write_gb_per_s'])} GB/s, "
+              f"peak RSS {fmt(rec['peak_rss_blocks_over_baseline'], digits=2)} blocks", flush=True)
+        shutil.rmtree(src)
+    return out
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    common.exit_on_sigterm()
+    started = time.perf_counter()
+    with common.data_root(args.data_dir, "shuffle-quality-") as root:
+        desc = common.machine_description(root)
+        print(f"machine: {common.describe_machine_line(desc)}", flush=True)
+        base = common.baseline_rss()
+        with common.CpuLoad() as load:
+            q = quality(args, root)
+            t = throughput(args, root)
+            s = write_shuffle(args, root, base["rss_bytes"]["median"])
+    b = args.batch_size
+    ws, uni = q["write shuffle + W = 1"], q["W = 1"]["uniform"]["batch_tv"]["median"]
+    best_w8 = q["W = 8"]["reader"]["effective_batch"]["median"]
+    vif_worst = max((q[f"W = {w}"]["vif_vs_formula"] for w in WINDOWS), key=lambda v: abs(v - 1))
+    targets = [
+        ("write shuffle + W=1: batch TV / uniform's (<= 2)", ws["reader"]["batch_tv"]["median"] / uni,
+         verdict(ws["reader"]["batch_tv"]["median"] / uni, 2.0, higher_is_better=False)),
+        ("W=8 (8-block budget): effective batch / b (>= 0.5)", best_w8 / b, verdict(best_w8 / b, 0.5)),
+        ("measured VIF / formula, worst of W=1..8 (within 10%)", vif_worst, "MET" if abs(vif_worst - 1) <= 0.1 else "MISSED"),
+        ("read W=8 / W=1 (>= 0.90)", t["w8_over_w1"]["median"], verdict(t["w8_over_w1"]["median"], 0.9)),
+        ("write-time shuffle / disk sequential write (>= 0.30)", min(r["shuffle_over_disk"]["median"] for r in s),
+         verdict(min(r["shuffle_over_disk"]["median"] for r in s), 0.3)),
+    ]
+    result = {
+        "machine": desc, "other_load": load.result(), "baseline_rss": base,
+        "settings": {k: getattr(args, k) for k in ("rows", "block_rows", "batch_size", "repeats", "read_mib",
+                                                     "read_block_mib", "shuffle_mib", "shuffle_block_mib")},
+        "quality": q, "throughput": t, "write_shuffle": s,
+        "targets": {k: {"value": v, "verdict": ok} for k, v, ok in targets},
+    }
+    rows = []
+    for name, r in q.items():
+        g = r["reader"]
+        rows.append((name, fmt(g["batch_tv"], digits=3), fmt(g["vif"], digits=1), f"{r['predicted_vif']:.1f}",
+                     fmt(g["effective_batch"], digits=1), fmt(g["drift_tv"], digits=3), fmt(g["rank_correlation"], digits=3),
+                     f"{g['adjacent_same_batch']['median']:.2g} / {r['adjacent_same_batch_uniform']:.2g}"))
+    u = q["W = 1"]["uniform"]
+    rows.append(("uniform shuffle", fmt(u["batch_tv"], digits=3), fmt(u["vif"], digits=2), "1.0",
+                 fmt(u["effective_batch"], digits=1), fmt(u["drift_tv"], digits=3), fmt(u["rank_correlation"], digits=3),
+                 f"{u['adjacent_same_batch']['median']:.2g}"))
+    result["table"] = print_table(
+        ["order", "batch TV", "VIF", "1+rho(b-1)/W", "b/VIF", "drift TV", "rank corr", "P(adjacent same batch) / uniform"],
+        rows, title=f"y-sorted store, {args.rows:,} rows in {args.rows // args.block_rows} blocks of {args.block_rows:,}, "
+                    f"batch {b}, label = decile of y, rho = {q['W = 1']['rho']:.3f}; median [min-max] of {args.repeats} epochs",
+    )
+    print_table(["read", "rows/s"], [(k, fmt(v, 1e-6) + " M") for k, v in t["rows_per_s"].items()]
+                + [("W=8 / W=1", fmt_ratio(t["w8_over_w1"]))],
+                title=f"ShardedDataset, {t['blocks']} blocks of {t['block_rows']:,} rows (d=16), batch {b}, warm cache")
+    print_table(["store", "shuffle GB/s", "disk write+fsync GB/s", "ratio", "peak RSS (blocks)"],
+                [(f"{r['mib']} MiB, {r['blocks']} blocks", fmt(r["shuffle_gb_per_s"]), fmt(r["disk_write_gb_per_s"]),
+                  fmt_ratio(r["shuffle_over_disk"]), fmt(r["peak_rss_blocks_over_baseline"])) for r in s],
+                title="write-time shuffle (shuffle_store, one gather process)")
+    print_table(["target", "value", "verdict"], [(k, f"{v['value']:.3g}", v["verdict"]) for k, v in result["targets"].items()])
+    return common.finish(args, result, plot, started)
+
+
+def plot(args, result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q = result["quality"]
+    b = result["settings"]["batch_size"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ws = np.array(WINDOWS)
+    measured = [q[f"W = {w}"]["reader"]["vif"] for w in WINDOWS]
+    med, lo, hi = zip(*(common.errbar(m) for m in measured))
+    a1.errorbar(ws, med, yerr=[lo, hi], fmt="o", capsize=3, label="measured (y-sorted store)")
+    a1.plot(ws, [q[f"W = {w}"]["predicted_vif"] for w in WINDOWS], "-", label="1 + rho (b - 1) / W")
+    a1.axhline(q["write shuffle + W = 1"]["reader"]["vif"]["median"], color="tab:green", ls="--", label="write shuffle + W = 1")
+    a1.axhline(2, color="gray", ls=":", label="effective batch b/2")
+    a1.set_xscale("log", base=2)
+    a1.set_yscale("log")
+    a1.set_xlabel("window W (blocks)")
+    a1.set_ylabel(f"VIF of batch label proportions (b = {b})")
+    a1.legend(fontsize=8)
+    for name, r in q.items():
+        tv = r["tv_by_position"]
+        a2.plot((np.arange(len(tv)) + 0.5) / len(tv), tv, marker=".", label=name)
+    a2.axhline(q["W = 1"]["uniform"]["batch_tv"]["median"], color="black", ls=":", label="uniform shuffle")
+    a2.set_xlabel("position in the epoch")
+    a2.set_ylabel("mean batch label TV")
+    a2.set_yscale("log")
+    a2.legend(fontsize=7)
+    fig.suptitle("Shuffle quality on a y-sorted store (label = decile of y)")
+    fig.tight_layout()
+    fig.savefig(common.plot_path(args.name), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Smoke tests of the benchmark code (``shardset bench``, ``shardset.bench`` and the
+``benchmarks`` scripts) on tiny stores, so it cannot rot. No speed is asserted:
+the checks are that every measurement runs, reads the rows it should and reports
+its figures. Peers whose environment is not installed are skipped with the reason
+(``scripts/bench-peers-setup.sh`` installs them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+import shardset
+from shardset import bench
+from shardset.cli import main as cli
+
+from benchmarks import bench_matrix, bench_peers, common
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("bench") / "tiny.zarr")
+    shardset.generate_regression(path, rows=20_000, features=16, block_rows=6_000, workers=1, progress=False)
+    return path
+
+
+@pytest.fixture
+def results_in_tmp(tmp_path, monkeypatch):
+    """Benchmark scripts save their JSON and PNG under tmp_path, not in the repository."""
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(common, "PLOTS_DIR", tmp_path / "plots")
+    return tmp_path
+
+
+def test_shardset_bench_cli_quick(tmp_path, capsys):
+    png, out = tmp_path / "b.png", tmp_path / "b.json"
+    assert cli(["bench", str(tmp_path), "--quick", "--size", "2MB", "--png", str(png), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert png.stat().st_size > 0
+    rows = 2_000_000 // 68
+    for name in ("sequential read, cold", "block-shuffled read, warm", "naive random read, cold", "write: generate_regression"):
+        assert name in printed
+        fig = res["figures"][name]
+        assert fig["gb_per_s"]["median"] > 0 and fig["ratio"]["median"] > 0 and fig["rows"] == rows
+    assert res["figures"]["disk: O_DIRECT read (cold)"]["gb_per_s"]["median"] > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("shardset-bench-")]  # scratch removed
+
+
+def test_shardset_bench_cli_refuses_bad_input(tmp_path, capsys):
+    assert cli(["bench", str(tmp_path / "missing"), "--quick"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli(["bench", str(tmp_path), "--size", "lots"])
+    assert exc.value.code == 2
+
+
+def test_measurements_on_a_tiny_store(tiny_store, tmp_path):
+    store = shardset.BlockStore.open(tiny_store)
+    files = [store.chunk_path(f, b) for f in ("X", "y") for b in range(store.layout.num_blocks)]
+    size = sum(os.path.getsize(p) for p in files)
+    assert bench.fsync_write(tmp_path, 3 << 20, piece=1 << 20, fsync_every=1 << 20)["bytes"] == 3 << 20
+    assert not list(tmp_path.iterdir())  # the probe file is removed
+    bench.evict(files)
+    try:
+        assert bench.direct_read(files)["bytes"] == size
+    except OSError as exc:  # a filesystem without O_DIRECT (tmpfs)
+        pytest.skip(f"O_DIRECT not supported here: {exc}")
+    assert bench.buffered_read(files)["bytes"] == size
+    for shuffle in (False, True):
+        r = bench.shardset_read(tiny_store, 1000, shuffle=shuffle)
+        assert (r["rows"], r["batches"], r["partial"]) == (20_000, 20, False)
+    r = bench.shardset_read(tiny_store, 1000, max_batches=3, num_workers=1)
+    assert (r["rows"], r["partial"]) == (3000, True)
+    n = bench.naive_read(tiny_store, 1000, seconds=0.2)
+    assert n["extrapolated"] and 0 < n["rows"] <= 20_000 and n["epoch_s_extrapolated"] > 0
+
+
+def test_memmap_rows_are_the_store_rows(tiny_store):
+    ds = bench.MemmapRows(tiny_store)
+    store = shardset.BlockStore.open(tiny_store)
+    X, y = ds[13_001]
+    assert X.tolist() == store.read_block("X", 2)[1001].tolist() and y.tolist() == store.read_block("y", 2)[1001].tolist()
+
+
+@pytest.mark.parametrize("kind", [k for k, (env, _) in bench_peers.CONTENDERS.items() if env == "main"])
+def test_peer_contender_in_this_environment(kind, tiny_store, tmp_path):
+    what = bench_peers.CONTENDERS[kind][1]
+    cfg = {"store": tiny_store, "dir": str(tmp_path / what), "batch_size": 1000, "seed": 0, "features": 16, "seconds": 0.2,
+           "rows": 20_000, "wds_buffer": 100, "wds_rows": 3000, "one_epoch": True}
+    if what.startswith("webdataset"):
+        why = bench_peers.availability(sys.executable)[kind]
+        if why:
+            pytest.skip(why)
+        cfg["rows"] = bench_peers._prepare(what, tiny_store, cfg["dir"], cfg)["rows"]
+    r = bench_peers._read(kind, cfg)
+    assert r["rows"] > 0 and r["peak_rss"] > 0 and r["first_batch_s"] > 0
+    if not r["partial"]:
+        assert r["rows"] == cfg["rows"]
+
+
+@pytest.mark.parametrize("kind,fmt", [("mosaicml streaming", "mds"), ("litdata", "litdata")])
+def test_peer_contender_in_the_peers_environment(kind, fmt, tiny_store, tmp_path):
+    python = str(bench_peers.PEERS_PYTHON)
+    why = bench_peers.availability(python)[kind]
+    if why:
+        pytest.skip(why)
+    cfg = {"store": tiny_store, "dir": str(tmp_path / fmt), "batch_size": 1000, "seed": 0, "features": 16, "seconds": 0.2,
+           "rows": 20_000, "one_epoch": True}
+    prep = bench_peers.run_child(python, {**cfg, "op": "prepare", "kind": fmt})
+    assert "error" not in prep, prep
+    r = bench_peers.run_child(python, {**cfg, "op": "read", "kind": kind}, timeout=300)
+    assert "error" not in r and r["rows"] > 0, r
+
+
+def test_matrix_script_end_to_end(results_in_tmp, tmp_path):
+    res = bench_matrix.main(["--quick", "--gib", "0.002", "--worker-seconds", "0.2", "--no-cold", "--data-dir", str(tmp_path / "d")])
+    assert (results_in_tmp / "results" / "matrix_quick.json").exists() and (results_in_tmp / "plots" / "matrix_quick.png").exists()
+    assert set(res["results"]["warm"]) == set(bench_matrix.CONFIGS)
+    assert all(len(f["gb_per_s"]["runs"]) == 3 for f in res["results"]["warm"].values())
+
+
+def test_common_options_and_rows_for():
+    p = common.arg_parser("bench_x", "doc")
+    p.add_argument("--gib", type=float, default=None)
+    a = common.parse_args(p, ["--quick"], {"gib": (4.0, 0.25)})
+    assert (a.gib, a.name, a.repeats) == (0.25, "x_quick", 3)
+    with pytest.raises(SystemExit):
+        common.parse_args(p, ["--repeats", "2"])
+    assert common.rows_for(0.001, 16, 128) == (1 << 30) // 1000 // 68
+    assert common.rows_for(1.0, 16, 128) % shardset.format.block_rows_for(
+        {"X": shardset.FieldSpec("float32", (16,)), "y": shardset.FieldSpec("float32", (1,))}, 128) == 0

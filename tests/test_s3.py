@@ -1,0 +1,255 @@
+"""Stores on S3, against a real S3 server (``moto_server``) on 127.0.0.1.
+
+One server serves the whole session; each test writes under its own key prefix.
+The credentials and endpoint are in the environment, as on a real machine, and
+some tests pass them as ``storage_options`` / ``--storage-option`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+import shardset
+from shardset import BlockStore, ShardedDataset
+from shardset.cli import main
+from shardset.errors import CorruptBlockError, StoreURLError
+from shardset.s3server import local_s3_server
+from shardset.urls import StoreURL, parse_storage_options, parse_url
+from shardset.writer import layout_for, write_blocks
+
+from conftest import id_arrays
+
+BUCKET = "shardset-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """``http://127.0.0.1:PORT`` of a moto S3 server with bucket ``BUCKET``; the
+    credentials and endpoint are put in the environment for the session."""
+    with local_s3_server(BUCKET, log=tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": endpoint}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield endpoint
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture
+def s3_url(s3_server) -> str:
+    """A fresh ``s3://`` prefix for one test."""
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}/data.zarr"
+
+
+def _same_blocks(a: BlockStore, b: BlockStore) -> None:
+    assert a.layout.same_shape(b.layout) and a.layout.generator == b.layout.generator
+    for name in a.layout.fields:
+        for block in range(a.layout.num_blocks):
+            np.testing.assert_array_equal(a.read_block(name, block), b.read_block(name, block))
+
+
+# -- URLs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("data/reg.zarr", StoreURL("file", "", "data/reg.zarr")),
+        ("file:///data/reg.zarr", StoreURL("file", "", "/data/reg.zarr")),
+        ("s3://bucket", StoreURL("s3", "bucket", "")),
+        ("s3://bucket/a/b.zarr/", StoreURL("s3", "bucket", "a/b.zarr")),
+        ("gs://bucket/x", StoreURL("gs", "bucket", "x")),
+        ("az://container/x", StoreURL("az", "container", "x")),
+        ("memory://scratch", StoreURL("memory", "scratch", "")),
+    ],
+)
+def test_urls_parse(text, want):
+    assert parse_url(text) == want
+
+
+@pytest.mark.parametrize(
+    "text", ["s3://", "s3:///prefix", "ftp://host/x", "s3://bucket/a//b", "s3://bucket/../x", "file://host/x", "://x"]
+)
+def test_malformed_urls_are_refused_clearly(text):
+    with pytest.raises(StoreURLError, match="store URL|URL scheme|file URL"):
+        parse_url(text)
+
+
+def test_cli_refuses_a_malformed_url_or_option_in_one_line(capsys):
+    assert main(["info", "ftp://host/x"]) == 2
+    assert main(["info", "s3://b/x", "--storage-option", "endpoint"]) == 2
+    assert main(["info", "/tmp/x", "--storage-option", "region=eu-west-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("shardset: error:") for line in err)
+    assert "unsupported store URL scheme" in err[0] and "KEY=VALUE" in err[1] and "object stores" in err[2]
+
+
+def test_unknown_storage_option_is_a_clear_error(s3_url):
+    with pytest.raises(StoreURLError, match="bogus"):
+        BlockStore.open(s3_url, storage_options={"bogus": "1"})
+    assert parse_storage_options(["a=1", "b=x=y"]) == {"a": "1", "b": "x=y"}
+
+
+# -- generate, info, read, train, verify through s3:// ------------------------------
+
+
+def test_cli_generate_info_read_train_verify_through_s3(s3_server, s3_url, tmp_path, capsys):
+    opts = ["--storage-option", f"endpoint={s3_server}", "--storage-option", "region=us-east-1"]
+    args = ["--rows", "20000", "--features", "2", "--block-rows", "3000", "--quiet"]
+    assert main(["generate", s3_url, *args, "--workers", "1", *opts]) == 0
+    local = tmp_path / "local.zarr"
+    assert main(["generate", str(local), *args, "--workers", "1"]) == 0
+    _same_blocks(BlockStore.open(s3_url), BlockStore.open(local))  # the same bytes as a local run
+
+    capsys.readouterr()
+    assert main(["info", s3_url, "--json", *opts]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["complete"] and info["blocks"] == 7 and info["path"] == s3_url and info["stored_bytes"] > 0
+
+    assert main(["read", s3_url, "--epochs", "1", "--batch-size", "1000"]) == 0
+    assert "epoch 0: 20,000 rows" in capsys.readouterr().out
+    assert main(["train", s3_url, "--epochs", "2", "--batch-size", "64"]) == 0
+    out = capsys.readouterr().out
+    err = float(out.split("max |w - w_true| = ")[1].split(",")[0])
+    assert err < 0.05, out
+
+    assert main(["verify", s3_url, "--quiet", "--workers", "1", *opts]) == 0
+
+
+def test_ranged_reads_assemble_each_block_exactly(s3_url, monkeypatch):
+    arrays = id_arrays(1000, features=5)
+    shardset.write(s3_url, arrays, block_rows=300, progress=False)
+    plain = BlockStore.open(s3_url)
+    whole = {b: plain.read_block("X", b).copy() for b in range(4)}
+    monkeypatch.setattr(BlockStore, "read_part_bytes", 1000)  # 6 ranges of a 6004-byte chunk
+    split = BlockStore.open(s3_url)
+    buf = split.new_buffer("X")
+    for b in range(4):
+        got = split.read_block("X", b, buf)
+        np.testing.assert_array_equal(got, whole[b])
+        np.testing.assert_array_equal(got, arrays["X"][b * 300 : (b + 1) * 300])
+
+
+@pytest.mark.parametrize("fault, match", [("delete", "is missing"), ("truncate", "has 1203 bytes, expected 1204"),
+                                          ("extend", "has 1205 bytes"), ("flip", "crc32c")])
+def test_damaged_objects_are_named(s3_url, monkeypatch, fault, match):
+    shardset.write(s3_url, id_arrays(1000, features=1), block_rows=300, progress=False)
+    store = BlockStore.open(s3_url, mode="r+")
+    kv, key = store.group.store, store.chunk_key("X", 1)
+    raw = sync(kv.get(key, default_buffer_prototype())).to_bytes()
+    proto = default_buffer_prototype().buffer
+    if fault == "delete":
+        sync(kv.delete(key))
+    else:
+        bad = {"truncate": raw[:-1], "extend": raw + b"\0", "flip": bytes([raw[0] ^ 1]) + raw[1:]}[fault]
+        sync(kv.set(key, proto.from_bytes(bad)))
+    monkeypatch.setattr(BlockStore, "read_part_bytes", 500)
+    with pytest.raises(CorruptBlockError, match=match):
+        BlockStore.open(s3_url).read_block("X", 1)
+
+
+# -- resume --------------------------------------------------------------------------
+
+
+class _FailAt:
+    """``block -> arrays`` of an id store that fails at one block (an interrupted run)."""
+
+    def __init__(self, arrays, block_rows: int, fail: int | None) -> None:
+        self.arrays, self.block_rows, self.fail = arrays, block_rows, fail
+
+    def __call__(self, b: int):
+        if b == self.fail:
+            raise RuntimeError("interrupted")
+        return {k: v[b * self.block_rows : (b + 1) * self.block_rows] for k, v in self.arrays.items()}
+
+
+def test_interrupted_generate_resumes_through_s3(s3_url):
+    arrays = id_arrays(1000)
+    layout = layout_for(1000, {k: shardset.FieldSpec.of(v) for k, v in arrays.items()}, block_rows=100)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_blocks(s3_url, layout, _FailAt(arrays, 100, fail=6), workers=1, progress=False)
+    assert BlockStore.open(s3_url).missing_blocks() == [6, 7, 8, 9]
+    written = []
+
+    def record(b):
+        written.append(b)
+        return _FailAt(arrays, 100, None)(b)
+
+    write_blocks(s3_url, layout, record, workers=1, progress=False)
+    assert written == [6, 7, 8, 9]
+    store = BlockStore.open(s3_url)
+    store.require_complete()
+    np.testing.assert_array_equal(np.concatenate([store.read_block("y", b) for b in range(10)]), arrays["y"])
+
+
+def test_reader_resumes_mid_epoch_through_s3(s3_url):
+    shardset.write(s3_url, id_arrays(1000), block_rows=128, progress=False)
+    full = [y.tolist() for _, y in ShardedDataset(s3_url, 50, seed=3)]
+    ds = ShardedDataset(s3_url, 50, seed=3)
+    it = iter(ds)
+    first = [next(it)[1].tolist() for _ in range(7)]
+    state = ds.state_dict()
+    resumed = ShardedDataset(s3_url, 50, seed=3)
+    resumed.load_state_dict(state)
+    assert first + [y.tolist() for _, y in resumed] == full
+
+
+# -- worker processes ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_dataloader_workers_open_their_own_store(s3_url):
+    """Two spawned-by-forkserver workers each open the store themselves (a store
+    handle never crosses a process boundary) and split the rows exactly once."""
+    shardset.write(s3_url, id_arrays(1000), block_rows=128, progress=False)
+    ds = ShardedDataset(s3_url, 64, seed=5)
+    next(iter(ds))  # the parent has done I/O through obstore before the workers start
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="forkserver",
+                                         timeout=120)
+    ids = np.concatenate([y.numpy() for _, y in loader])
+    assert np.array_equal(np.sort(ids), np.arange(1000))
+
+
+def test_forked_worker_gets_a_clear_error_instead_of_hanging(s3_url):
+    shardset.write(s3_url, id_arrays(200), block_rows=64, progress=False)
+    ds = ShardedDataset(s3_url, 64)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork", timeout=60)
+    with pytest.raises(StoreURLError, match="forkserver"):
+        list(loader)
+
+
+# -- where the options come from -------------------------------------------------------
+
+
+def test_endpoint_and_keys_from_the_aws_profile_files(s3_server, s3_url, tmp_path, monkeypatch):
+    shardset.write(s3_url, id_arrays(300), block_rows=100, progress=False)
+    (tmp_path / "config").write_text(f"[profile lab]\nregion = us-east-1\nendpoint_url = {s3_server}\n")
+    (tmp_path / "credentials").write_text("[lab]\naws_access_key_id = fromfile\naws_secret_access_key = fromfile\n")
+    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    store = BlockStore.open(s3_url)  # nothing in the environment but the profile: the files must be used
+    assert store.read_block("y", 2).tolist() == list(range(200, 300))
+
+
+def test_memory_store_round_trips_in_process():
+    url = f"memory://{uuid.uuid4().hex}/reg.zarr"
+    store = shardset.generate_regression(url, rows=1000, features=2, block_rows=300, workers=2, progress=False)
+    assert store.missing_blocks() == []
+    assert len(list(ShardedDataset(url, 100))) == 10

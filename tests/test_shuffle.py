@@ -1,0 +1,145 @@
+"""Write-time shuffling: a permutation of the input rows, deterministic, mixed across blocks, resumable."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shardset
+from shardset import BlockStore
+from shardset.cli import main
+from shardset.errors import CorruptBlockError, IncompleteStoreError, ShardsetError, StoreFormatError
+from shardset.format import ATTRS_KEY
+from shardset.quality import within_block_correlation
+from shardset.shuffle import SHUFFLE_NAME, shuffle_store, shuffled_position, write_shuffled
+
+from conftest import id_arrays, mixed_arrays
+
+
+def columns(path) -> dict[str, np.ndarray]:
+    """Every field of a store, whole, in storage order."""
+    store = BlockStore.open(path)
+    return {
+        name: np.concatenate([store.read_block(name, b) for b in range(store.layout.num_blocks)])
+        for name in store.layout.fields
+    }
+
+
+def chunk_bytes(path) -> dict[str, bytes]:
+    root = Path(path)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("c/*/*")) if p.is_file()}
+
+
+def test_write_shuffle_is_the_keyed_permutation_of_the_input(tmp_path):
+    rows = 5003
+    src = id_arrays(rows)
+    store = shardset.write(tmp_path / "s.zarr", src, block_rows=700, shuffle=True, seed=5, progress=False)
+    got = columns(tmp_path / "s.zarr")
+    dest = shuffled_position(rows, 5)(np.arange(rows))
+    assert np.array_equal(got["y"][dest], src["y"])  # input row i is output row dest[i]
+    assert np.array_equal(got["X"][dest], src["X"])
+    assert sorted(got["y"].tolist()) == list(range(rows)) and not np.array_equal(got["y"], src["y"])
+    assert store.layout.generator["name"] == SHUFFLE_NAME and store.layout.generator["seed"] == 5
+    assert not os.path.exists(f"{tmp_path / 's.zarr'}.shuffle-tmp")  # buckets removed once complete
+
+
+def test_same_seed_same_bytes_any_input_batching_other_seed_other_order(tmp_path):
+    rows, br = 4000, 512
+    src = mixed_arrays(rows)
+    shardset.write(tmp_path / "a.zarr", src, block_rows=br, shuffle=True, seed=1, progress=False)
+    batches = ({k: v[i : i + 333] for k, v in src.items()} for i in range(0, rows, 333))
+    shardset.write(tmp_path / "b.zarr", batches, rows=rows, block_rows=br, shuffle=True, seed=1, progress=False)
+    assert chunk_bytes(tmp_path / "a.zarr") == chunk_bytes(tmp_path / "b.zarr")
+    shardset.write(tmp_path / "c.zarr", src, block_rows=br, shuffle=True, seed=2, progress=False)
+    a, c = columns(tmp_path / "a.zarr"), columns(tmp_path / "c.zarr")
+    assert not np.array_equal(a["b"], c["b"]) and sorted(c["b"].tolist()) == list(range(rows))
+    for got in (a, c):  # every field moved with its row
+        order = got["b"]
+        for name in "acd":
+            assert np.array_equal(got[name], src[name][order])
+
+
+def test_every_block_is_a_sample_of_the_whole_set(tmp_path):
+    rows, br = 20000, 1000
+    labels = np.repeat(np.arange(10), rows // 10)  # sorted by class: every block holds one class
+    shardset.write(tmp_path / "s.zarr", {"label": labels}, block_rows=br, shuffle=True, progress=False)
+    got = columns(tmp_path / "s.zarr")["label"]
+    assert within_block_correlation(labels, br) > 0.99
+    assert abs(within_block_correlation(got, br)) < 0.01
+    counts = np.stack([np.bincount(got[i : i + br], minlength=10) for i in range(0, rows, br)])
+    assert counts.min() > 60 and counts.max() < 140  # expected 100 of each class per block, sd ~9.5
+
+
+def test_shuffle_store_copies_fields_changes_geometry_and_is_worker_independent(tmp_path):
+    src = shardset.write(tmp_path / "src.zarr", mixed_arrays(3000), block_rows=400, progress=False).where
+    one = shuffle_store(src, tmp_path / "one.zarr", seed=9, block_rows=1000, workers=1, progress=False)
+    two = shuffle_store(src, tmp_path / "two.zarr", seed=9, block_rows=1000, workers=2, progress=False)
+    assert one.layout.num_blocks == 3 and one.layout.fields == BlockStore.open(src).layout.fields
+    assert chunk_bytes(one.where) == chunk_bytes(two.where)
+    got = columns(one.where)
+    assert np.array_equal(got["b"][shuffled_position(3000, 9)(np.arange(3000))], np.arange(3000))
+    assert one.layout.generator["source"] == {}  # written by shardset.write: no generator to record
+    same = shuffle_store(src, tmp_path / "same.zarr", seed=9, workers=1, progress=False)
+    assert same.layout.block_rows == 400  # the source's block size by default
+
+
+def test_an_interrupted_shuffle_resumes_to_the_same_bytes(tmp_path):
+    src = shardset.write(tmp_path / "src.zarr", id_arrays(6000), block_rows=500, progress=False).where
+    ref = shuffle_store(src, tmp_path / "ref.zarr", seed=4, workers=1, progress=False).where
+    dst = tmp_path / "dst.zarr"
+    chunk = Path(BlockStore.open(src).chunk_path("X", 7))
+    good = chunk.read_bytes()
+    chunk.write_bytes(good[:-9] + bytes(9))  # a torn block in the source: the scatter fails
+    with pytest.raises(CorruptBlockError):
+        shuffle_store(src, dst, seed=4, workers=1, progress=False)
+    with pytest.raises(IncompleteStoreError):  # what was left never passes for a complete store
+        BlockStore.open(dst).require_complete()
+    with pytest.raises(StoreFormatError, match="different dataset"):
+        shuffle_store(src, dst, seed=5, workers=1, progress=False)  # another seed would mix two shuffles
+    chunk.write_bytes(good)
+    shuffle_store(src, dst, seed=4, workers=1, progress=False)
+    assert chunk_bytes(dst) == chunk_bytes(ref)
+
+    # lose two finished blocks: a rerun rewrites exactly those
+    store = BlockStore.open(dst, mode="r+")
+    store.group.attrs[ATTRS_KEY] = store.layout.to_attrs(set(range(12)) - {3, 8})
+    Path(store.chunk_path("y", 3)).unlink()
+    assert BlockStore.open(dst).missing_blocks() == [3, 8]
+    shuffle_store(src, dst, seed=4, workers=1, progress=False)
+    assert chunk_bytes(dst) == chunk_bytes(ref)
+
+
+def test_an_interrupted_gather_reuses_the_finished_scatter(tmp_path):
+    rows, br = 1500, 300
+    src, dst, buckets = id_arrays(rows), tmp_path / "dst.zarr", tmp_path / "buckets"
+    ref = shardset.write(tmp_path / "ref.zarr", src, block_rows=br, shuffle=True, seed=2, progress=False)
+
+    def chunks_then_an_obstacle():
+        yield from ({k: v[i : i + br] for k, v in src.items()} for i in range(0, rows, br))
+        # the output store exists by now: a directory where block 0's chunk goes makes the gather fail
+        Path(BlockStore.open(dst).chunk_path("X", 0)).mkdir(parents=True)
+
+    with pytest.raises((OSError, ShardsetError)):
+        write_shuffled(dst, ref.layout, chunks_then_an_obstacle(), seed=2, tmp_dir=buckets, progress=False)
+    assert (buckets / "scattered.json").exists() and BlockStore.open(dst).missing_blocks()
+    Path(BlockStore.open(dst).chunk_path("X", 0)).rmdir()
+    # no input at all: only the finished scatter on disk can complete the store
+    write_shuffled(dst, ref.layout, iter(()), seed=2, tmp_dir=buckets, progress=False)
+    assert chunk_bytes(dst) == chunk_bytes(ref.where) and not buckets.exists()
+
+
+def test_cli_shuffle_and_its_errors(tmp_path, capsys):
+    src = shardset.write(tmp_path / "src.zarr", id_arrays(2000), block_rows=300, progress=False).where
+    dst = str(tmp_path / "dst.zarr")
+    assert main(["shuffle", src, dst, "--seed", "3", "--workers", "1"]) == 0
+    assert "2,000 rows shuffled into 7 blocks" in capsys.readouterr().out
+    assert sorted(columns(dst)["y"].tolist()) == list(range(2000))
+    assert main(["shuffle", src, src]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "onto itself" in err[0]
+    store = BlockStore.open(src, mode="r+")
+    store.group.attrs[ATTRS_KEY] = store.layout.to_attrs(range(5))
+    assert main(["shuffle", src, str(tmp_path / "other.zarr"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "incomplete" in err[0]
