@@ -39,7 +39,6 @@ import sys
 import time
 import types
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import common

@@ -46,7 +46,7 @@ def main(argv=None) -> dict[str, Any]:
     if (res := common.replot(args, plot)) is not None:
         return res
     common.exit_on_sigterm()
-    from shardset import BlockStore, generate_regression
+    from shardset import generate_regression
     from shardset import bench as sbench
 
     started = time.perf_counter()

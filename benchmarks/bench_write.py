@@ -38,6 +38,7 @@ from typing import Any
 
 from . import common
 from .common import GB, GiB, MiB, fmt, fmt_ratio, print_table, ratio_summary, summarize
+from shardset import bench as sbench
 
 ROW_FLOATS_D16 = 17  # X (16 floats) + y (1 float)
 

@@ -123,6 +123,22 @@ def render() -> str:
         out += ["**Scale** (`scale.json`: one shuffled epoch per round in a fresh process, batch 1024):", "",
                 *_table(["GB", "rounds", "cold rows/s", "cold / O_DIRECT", "first batch s", "peak RSS over imports, MiB",
                          "warm rows/s"], rows)]
+    cli = _load("cli_bench")
+    if cli:
+        rows = [[name, _m(f["gb_per_s"], digits=3), _rate(f["rows_per_s"]) if f.get("rows_per_s") else "—",
+                 (_m(f["ratio"], digits=3) + f" of {f['vs'].removeprefix('disk: ')}") if f.get("ratio") else "—"]
+                for name, f in cli["figures"].items()]
+        out += [f"**`shardset bench {cli['path']} --size {cli['rows'] * 4 * (cli['features'] + 1) / 1e9:.0f}GB`** (`cli_bench.json`, "
+                f"{cli['repeats']} runs; naive random read: {cli['figures']['naive random read, cold'].get('note', '')}):", "",
+                *_table(["figure", "GB/s", "rows/s", "vs raw disk"], rows)]
+    perm = _load("permutation")
+    if perm:
+        t = perm["target"]
+        slow = t.get("slowest_covered") or {}
+        out += [f"**Permutation** (`permutation.json`): target {t['indices_per_s'] / 1e6:g} M indices/s on one core for "
+                f"{t['applies_to']}: {'met' if t['met'] else 'missed'}"
+                + (f"; slowest case n = {slow['n_label']}, {slow['array_size_label']} indices, {slow['direction']}: "
+                   f"{slow['median_indices_per_s'] / 1e6:.1f} M/s" if slow else "") + ".", ""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -34,7 +34,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -362,14 +362,14 @@ def _summarize(runs, path, rows, features, batch_size, repeats, naive_seconds) -
 
 def format_table(result: dict[str, Any]) -> str:
     """The table ``shardset bench`` prints."""
-    def cell(s, scale=1.0, digits=3):
+    def cell(s, scale=1.0, digits=3):  # significant digits: the naive reader is 1000x slower than the rest
         if not s:
             return "-"
-        text = f"{s['median'] * scale:.{digits}f}"
-        return text if len(s["runs"]) == 1 else f"{text} [{s['min'] * scale:.{digits}f}-{s['max'] * scale:.{digits}f}]"
+        text = f"{s['median'] * scale:.{digits}g}"
+        return text if len(s["runs"]) == 1 else f"{text} [{s['min'] * scale:.{digits}g}-{s['max'] * scale:.{digits}g}]"
 
     head = ["figure", "GB/s", "M rows/s", "vs raw disk", "raw disk figure"]
-    rows = [[name, cell(f["gb_per_s"]), cell(f["rows_per_s"], 1e-6, 3), cell(f.get("ratio"), digits=2), f.get("vs", "")]
+    rows = [[name, cell(f["gb_per_s"]), cell(f["rows_per_s"], 1e-6), cell(f.get("ratio"), digits=2), f.get("vs", "")]
             for name, f in result["figures"].items()]
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -378,7 +378,7 @@ def format_table(result: dict[str, Any]) -> str:
     out = [f"{result['rows']:,} rows x {result['features']} features, batch {result['batch_size']}, on {result['path']}; "
            f"{'median [min-max] of ' + str(n) + ' runs' if n > 1 else 'one run per figure'}",
            line(head), line(["-" * w for w in widths]), *map(line, rows),
-           f"block-shuffled / naive random read: {cell(sp['cold'], digits=0)}x cold, {cell(sp['warm'], digits=0)}x warm "
+           f"block-shuffled / naive random read: {cell(sp['cold'])}x cold, {cell(sp['warm'])}x warm "
            "(naive epoch extrapolated from its rate)"]
     return "\n".join(out)
 
@@ -399,7 +399,7 @@ def plot(result: dict[str, Any], png: str | os.PathLike) -> None:
     for i, n in enumerate(names):
         r = result["figures"][n].get("ratio")
         if r:
-            ax.annotate(f" {r['median']:.2f}x raw", (med[i]["median"], i), va="center", fontsize=8)
+            ax.annotate(f" {r['median']:.2g}x raw", (med[i]["median"], i), va="center", fontsize=8)
     ax.set_xscale("log")
     ax.invert_yaxis()
     ax.set_xlabel("GB/s (log scale; bars: median, whiskers: min-max)")

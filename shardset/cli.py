@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--block-mb", type=_finite_float, default=None, help="block size in MiB (default: as SRC)")
     s.add_argument("--block-rows", type=_positive_int, default=None, help="rows per block (overrides --block-mb)")
     s.add_argument("--workers", type=_positive_int, default=None, help="processes of the gather pass (default: all cores)")
-    s.add_argument("--tmp-dir", default=None, help="bucket directory (default DST.shuffle-tmp; needs the data's size)")
+    s.add_argument("--tmp-dir", default=None, help="where the buckets go (default: beside DST; needs the data's size)")
     s.add_argument("--compression", choices=COMPRESSIONS, default=None)
     s.add_argument("--no-checksum", action="store_true", help="store chunks without a crc32c checksum")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DST")

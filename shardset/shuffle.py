@@ -37,12 +37,14 @@ Example:
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -52,7 +54,7 @@ from .format import DEFAULT_BLOCK_MB, Layout, check_int
 from .lock import locked
 from .permutation import FeistelPermutation
 from .store import BlockStore, _fsync_file
-from .writer import layout_for, open_for_writing, write_blocks
+from .writer import _resolve_workers, layout_for, open_for_writing, write_blocks
 
 __all__ = ["SHUFFLE_NAME", "shuffle_store", "write_shuffled", "shuffled_position"]
 
@@ -71,7 +73,6 @@ def shuffled_position(rows: int, seed: int) -> FeistelPermutation:
     return FeistelPermutation(rows, seed, 0, domain=SHUFFLE_DOMAIN)
 
 
-@locked
 def write_shuffled(
     path: str | os.PathLike,
     layout: Layout,
@@ -92,7 +93,22 @@ def write_shuffled(
     a record of the shuffle (``seed`` and the input's own ``source`` generator),
     so a rerun with another seed is refused instead of mixing two shuffles.
     ``chunks`` is consumed only if the scatter pass has not finished before.
+    The buckets go to ``<tmp_dir or the output's directory>/<output name>.shuffle-tmp``.
     """
+
+    def scatter(buckets: "_Buckets", seed: int, show: bool) -> None:
+        position = shuffled_position(buckets.layout.rows, seed)
+        buckets.finish(1, buckets.scatter_part(0, _numbered(chunks), position, show))
+
+    return _shuffled(path, layout, scatter, seed=seed, source=source, workers=workers, compression=compression,
+                     checksum=checksum, overwrite=overwrite, progress=progress, tmp_dir=tmp_dir)
+
+
+@locked
+def _shuffled(path, layout: Layout, scatter: Callable[["_Buckets", int, bool], None], *, seed: int,
+              source: Mapping[str, Any] | None, workers: int | None, compression: str | None, checksum: bool,
+              overwrite: bool, progress: bool | None, tmp_dir) -> BlockStore:
+    """Create the output, run ``scatter(buckets, seed, show)`` unless a finished one is on disk, gather."""
     seed = check_int("seed", seed, 0)
     layout = replace(layout, generator={
         "name": SHUFFLE_NAME,
@@ -101,10 +117,13 @@ def write_shuffled(
         "source": dict(source or {}),
     })
     store = open_for_writing(path, layout, compression=compression, checksum=checksum, overwrite=overwrite)
-    buckets = _Buckets(Path(tmp_dir) if tmp_dir is not None else Path(f"{os.fspath(path)}.shuffle-tmp"), layout)
+    out = Path(os.fspath(path).rstrip("/"))
+    # a directory of our own, even inside tmp_dir: it is deleted whole
+    buckets = _Buckets((out.parent if tmp_dir is None else Path(tmp_dir)) / f"{out.name}.shuffle-tmp", layout)
     if store.missing_blocks():
         if overwrite or not buckets.ready():
-            buckets.scatter(chunks, shuffled_position(layout.rows, seed), _show(progress))
+            buckets.begin()
+            scatter(buckets, seed, _show(progress))
         store = write_blocks(
             path, layout, buckets, workers=workers, compression=compression, checksum=checksum, progress=progress
         )
@@ -130,9 +149,9 @@ def shuffle_store(
     """Write a shuffled copy of the store ``src`` at ``dst`` (``shardset shuffle SRC DST``).
 
     Same fields and rows; the block size is ``src``'s unless ``block_mb`` or
-    ``block_rows`` is given.  Memory is a few blocks per process whatever the
-    store's size (the gather pass runs on ``workers`` processes, default all
-    cores); deterministic from ``seed``; rerun the same call to resume.
+    ``block_rows`` is given.  Both passes run on ``workers`` processes (default
+    all cores), each holding a few blocks whatever the store's size; the bytes
+    depend on ``seed`` only; rerun the same call to resume.
     """
     if os.path.realpath(src) == os.path.realpath(dst):
         raise ShardsetError(f"cannot shuffle {src} onto itself; choose another destination")
@@ -143,17 +162,43 @@ def shuffle_store(
         block_rows = lay.block_rows
     block_mb = DEFAULT_BLOCK_MB if block_mb is None else block_mb
     out = layout_for(lay.rows, lay.fields, block_mb=block_mb, block_rows=block_rows)
-    return write_shuffled(
-        dst, out, _store_chunks(source), seed=seed, source=lay.generator, workers=workers, compression=compression,
+    parts = _resolve_workers(workers, lay.num_blocks)
+
+    def scatter(buckets: "_Buckets", seed: int, show: bool) -> None:
+        if parts == 1:
+            rows = _scatter_store_part(buckets, os.fspath(src), 0, 1, seed, show)
+        else:  # forked, as the writer's processes are: no second import of torch
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ProcessPoolExecutor(parts, mp_context=ctx) as pool:
+                jobs = [pool.submit(_scatter_store_part, buckets, os.fspath(src), k, parts, seed, False)
+                        for k in range(parts)]
+                rows = sum(job.result() for job in jobs)
+        buckets.finish(parts, rows)
+
+    return _shuffled(
+        dst, out, scatter, seed=seed, source=lay.generator, workers=workers, compression=compression,
         checksum=checksum, overwrite=overwrite, progress=progress, tmp_dir=tmp_dir,
     )
 
 
-def _store_chunks(store: BlockStore) -> Iterable[dict[str, np.ndarray]]:
-    """Every block of ``store`` in order, read into one reused buffer per field."""
-    bufs = {name: store.new_buffer(name) for name in store.layout.fields}
-    for b in range(store.layout.num_blocks):
-        yield {name: store.read_block(name, b, bufs[name]) for name in store.layout.fields}
+def _scatter_store_part(buckets: "_Buckets", src: str, part: int, parts: int, seed: int, show: bool) -> int:
+    """Scatter blocks ``part, part + parts, ...`` of the store ``src`` into bucket part ``part``."""
+    store = BlockStore.open(src)
+    lay = store.layout
+    bufs = {name: store.new_buffer(name) for name in lay.fields}
+    chunks = (
+        (b * lay.block_rows, {name: store.read_block(name, b, bufs[name]) for name in lay.fields})
+        for b in range(part, lay.num_blocks, parts)
+    )
+    return buckets.scatter_part(part, chunks, shuffled_position(lay.rows, seed), show)
+
+
+def _numbered(chunks: Iterable[Mapping[str, np.ndarray]]) -> Iterator[tuple[int, Mapping[str, np.ndarray]]]:
+    """``(first row, chunk)`` for consecutive chunks."""
+    start = 0
+    for chunk in chunks:
+        yield start, chunk
+        start += len(next(iter(chunk.values())))
 
 
 def _show(progress: bool | None) -> bool:
@@ -163,55 +208,73 @@ def _show(progress: bool | None) -> bool:
 class _Buckets:
     """Bucket files per output block; callable as a block source for :func:`shardset.write_blocks`.
 
-    Output block ``b`` has one file of uint32 offsets (where each row goes inside
-    the block: a block holds at most 256 MiB of rows) and one file of rows per
-    field, appended to in the same order.  ``fill(block, out)`` lets the writer
-    reuse its output buffers.
+    Output block ``b`` has, per scatter *part* (one per scatter process), one file
+    of uint32 offsets (where each row goes inside the block: a block holds at
+    most 256 MiB of rows) and one file of rows per field, appended to in the
+    same order.  ``fill(block, out)`` lets the writer reuse its output buffers.
     """
 
     def __init__(self, root: Path, layout: Layout) -> None:
         self.root, self.layout = root, layout
         self.fields = list(layout.fields.items())
+        self.parts = 1
         self.params = {
             "rows": layout.rows, "block_rows": layout.block_rows, "generator": layout.generator,
             "fields": {k: v.to_json() for k, v in layout.fields.items()},
         }
 
-    def paths(self, block: int) -> list[Path]:
+    def paths(self, block: int, part: int) -> list[Path]:
         """The offsets file, then one file per field."""
-        return [self.root / f"{block}.pos"] + [self.root / f"{block}.{i}" for i in range(len(self.fields))]
+        stem = f"{block}.{part}"
+        return [self.root / f"{stem}.pos"] + [self.root / f"{stem}.{i}" for i in range(len(self.fields))]
 
     def ready(self) -> bool:
         """True when a finished scatter of these very parameters is on disk."""
         try:
-            return json.loads((self.root / _MARKER).read_text()) == self.params
+            marker = json.loads((self.root / _MARKER).read_text())
         except (OSError, ValueError):
             return False
+        parts = marker.pop("parts", None)
+        if marker != self.params or not isinstance(parts, int) or parts < 1:
+            return False
+        self.parts = parts
+        return True
 
-    def scatter(self, chunks: Iterable[Mapping[str, np.ndarray]], position: FeistelPermutation, show: bool) -> None:
-        lay = self.layout
+    def begin(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
-        start = 0
-        with tqdm(total=lay.nbytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not show,
+
+    def scatter_part(
+        self, part: int, chunks: Iterable[tuple[int, Mapping[str, np.ndarray]]], position: FeistelPermutation,
+        show: bool,
+    ) -> int:
+        """Scatter ``(first row, chunk)`` pairs into bucket part ``part``; returns the rows scattered."""
+        rows = 0
+        with tqdm(total=self.layout.nbytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not show,
                   desc="scattering", dynamic_ncols=True) as bar:
-            for chunk in chunks:
-                n = self._scatter_chunk(start, chunk, position)
-                start += n
-                bar.update(n * lay.row_bytes)
-        if start != lay.rows:
-            raise ValueError(f"the input held {start} rows, expected {lay.rows}")
-        for b in range(lay.num_blocks):
-            for path in self.paths(b):
-                _fsync_file(path)
+            for start, chunk in chunks:
+                n = self._scatter_chunk(start, chunk, position, part)
+                rows += n
+                bar.update(n * self.layout.row_bytes)
+        return rows
+
+    def finish(self, parts: int, rows: int) -> None:
+        """Make the ``parts`` bucket parts durable and mark the scatter finished."""
+        if rows != self.layout.rows:
+            raise ValueError(f"the input held {rows} rows, expected {self.layout.rows}")
+        for path in self.root.iterdir():
+            _fsync_file(path)
         _fsync_file(self.root)
         tmp = self.root / f"{_MARKER}.partial"
-        tmp.write_text(json.dumps(self.params))
+        tmp.write_text(json.dumps({**self.params, "parts": parts}))
         _fsync_file(tmp)
         os.replace(tmp, self.root / _MARKER)
         _fsync_file(self.root)
+        self.parts = parts
 
-    def _scatter_chunk(self, start: int, chunk: Mapping[str, np.ndarray], position: FeistelPermutation) -> int:
+    def _scatter_chunk(
+        self, start: int, chunk: Mapping[str, np.ndarray], position: FeistelPermutation, part: int
+    ) -> int:
         lay = self.layout
         if set(chunk) != set(lay.fields):
             raise ValueError(f"input has fields {sorted(chunk)}, expected {sorted(lay.fields)}")
@@ -228,27 +291,29 @@ class _Buckets:
         columns += [np.take(np.asarray(chunk[name], dtype=spec.dtype), order, axis=0) for name, spec in self.fields]
         bounds = np.concatenate([[0], np.cumsum(np.bincount(block, minlength=lay.num_blocks))])
         for b in np.flatnonzero(np.diff(bounds)):
-            for path, col in zip(self.paths(int(b)), columns):
+            for path, col in zip(self.paths(int(b), part), columns):
                 with open(path, "ab") as f:
                     f.write(memoryview(np.ascontiguousarray(col[bounds[b] : bounds[b + 1]])).cast("B"))
         return n
 
     def fill(self, block: int, out: Mapping[str, np.ndarray]) -> None:
         n = self.layout.block_len(block)
-        paths = self.paths(block)
-        pos = self._load(paths[0], np.dtype("<u4"), (), n)
+        parts = [self.paths(block, p) for p in range(self.parts)]
+        pos = self._load([p[0] for p in parts], np.dtype("<u4"), (), n)
         where = np.empty(n, np.intp)
         where[pos] = np.arange(n)  # row of the bucket that goes to each position
-        for path, (name, spec) in zip(paths[1:], self.fields):
-            np.take(self._load(path, np.dtype(spec.dtype), spec.shape, n), where, axis=0, out=out[name])
+        for i, (name, spec) in enumerate(self.fields):
+            data = self._load([p[i + 1] for p in parts], np.dtype(spec.dtype), spec.shape, n)
+            np.take(data, where, axis=0, out=out[name])
 
-    def _load(self, path: Path, dtype: np.dtype, shape: tuple[int, ...], rows: int) -> np.ndarray:
-        try:
-            data = np.fromfile(path, dtype=dtype)
-        except FileNotFoundError:
-            data = np.empty(0, dtype)
+    def _load(self, paths: list[Path], dtype: np.dtype, shape: tuple[int, ...], rows: int) -> np.ndarray:
+        """The rows of one file kind over every part, checked to be exactly ``rows``."""
+        pieces = [np.fromfile(p, dtype=dtype) if p.exists() else np.empty(0, dtype) for p in paths]
+        data = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
         if data.size != rows * int(np.prod(shape, dtype=np.int64)):
-            raise StoreFormatError(f"shuffle bucket {path} is torn ({data.nbytes} bytes); remove {self.root} and rerun")
+            raise StoreFormatError(
+                f"shuffle bucket {paths[0]} is torn ({data.nbytes} bytes); remove {self.root} and rerun"
+            )
         return data.reshape(rows, *shape)
 
     def __call__(self, block: int) -> dict[str, np.ndarray]:

@@ -8,9 +8,11 @@ any other store): ``indices`` (N, nnz) int32 (int64 from 2^31 features),
 chunked array ``params/w``, written chunk by chunk before any block; a block
 reads only the part of ``w`` its indices touch.
 
-Block ``i`` is a pure function of ``(seed, i)`` and ``w`` (numpy PCG64 seeded
-by ``SeedSequence(seed, spawn_key=(1, i))``; ``w`` from ``spawn_key=(0,)``),
-so the bytes never depend on the number of writer processes.
+Block ``i`` is a pure function of ``(seed, i)`` and ``w`` (values and noise
+from torch seeded by ``SeedSequence(seed, spawn_key=(1, i))``, indices from
+numpy PCG64 with ``spawn_key=(1, i, 0)``; ``w`` from ``spawn_key=(0,)``), so
+the bytes never depend on the number of writer processes.  docs/sparse.md
+explains the design and the measurements.
 
 Example:
     >>> import tempfile, os, torch
@@ -268,10 +270,6 @@ def _index_dtype(features: int) -> np.dtype:
     return np.dtype(np.int32 if features < 2**31 else np.int64)
 
 
-def _weights_generator(seed: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=_W_KEY))
-
-
 def _write_weights(store: BlockStore, features: int, seed: int, chunk: int, checksum: bool) -> None:
     """Write ``params/w`` chunk by chunk (one chunk in memory), then mark it complete."""
     if "params/w" in store.group and store.group["params/w"].attrs.get("complete") is True:
@@ -280,7 +278,7 @@ def _write_weights(store: BlockStore, features: int, seed: int, chunk: int, chec
         "params/w", shape=(features,), chunks=(min(chunk, features),), dtype=np.float32,
         compressors=compressors_for(None, checksum), fill_value=np.nan, overwrite=True,
     )
-    rng = _weights_generator(seed)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=_W_KEY))
     for lo in range(0, features, arr.chunks[0]):
         arr[lo : lo + arr.chunks[0]] = rng.standard_normal(min(arr.chunks[0], features - lo), dtype=np.float32)
     arr.attrs["complete"] = True

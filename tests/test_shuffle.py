@@ -120,13 +120,16 @@ def test_an_interrupted_gather_reuses_the_finished_scatter(tmp_path):
         # the output store exists by now: a directory where block 0's chunk goes makes the gather fail
         Path(BlockStore.open(dst).chunk_path("X", 0)).mkdir(parents=True)
 
+    buckets.mkdir()
+    (buckets / "unrelated").write_text("a user's file in --tmp-dir")
     with pytest.raises((OSError, ShardsetError)):
         write_shuffled(dst, ref.layout, chunks_then_an_obstacle(), seed=2, tmp_dir=buckets, progress=False)
-    assert (buckets / "scattered.json").exists() and BlockStore.open(dst).missing_blocks()
+    assert (buckets / "dst.zarr.shuffle-tmp" / "scattered.json").exists() and BlockStore.open(dst).missing_blocks()
     Path(BlockStore.open(dst).chunk_path("X", 0)).rmdir()
     # no input at all: only the finished scatter on disk can complete the store
     write_shuffled(dst, ref.layout, iter(()), seed=2, tmp_dir=buckets, progress=False)
-    assert chunk_bytes(dst) == chunk_bytes(ref.where) and not buckets.exists()
+    assert chunk_bytes(dst) == chunk_bytes(ref.where)
+    assert os.listdir(buckets) == ["unrelated"]  # our bucket directory is gone, nothing else
 
 
 def test_cli_shuffle_and_its_errors(tmp_path, capsys):
