@@ -162,8 +162,8 @@ def generate_regression(
         store = open_for_writing(
             path, layout, compression=compression, checksum=checksum, overwrite=overwrite, storage_options=storage_options
         )
-        if "params" not in store.group:
-            store.group.create_array("params/w", data=w, chunks=(min(len(w), 1 << 22),))
+        if not _stored_weights_match(store, w):  # new, or torn by a kill while being written
+            store.group.create_array("params/w", data=w, chunks=(min(len(w), 1 << 22),), overwrite=True)
     return write_blocks(path, layout, make, workers=workers, compression=compression, checksum=checksum,
                         progress=progress, part=part, storage_options=storage_options, scheduler=scheduler, client=client)
 
@@ -198,6 +198,13 @@ def regression_blocks(store: BlockStore) -> RegressionBlocks:
     if differ:
         raise StoreFormatError(f"{store.where} was generated with {', '.join(differ)}: regenerated blocks could differ")
     return RegressionBlocks(lay.rows, lay.block_rows, w, bias, float(gen["noise"]), int(gen["seed"]))
+
+
+def _stored_weights_match(store: BlockStore, w: np.ndarray) -> bool:
+    try:
+        return _crc(np.asarray(store.group["params/w"][:])) == _crc(w)
+    except Exception:  # missing, or a chunk cut short: either way it is rewritten
+        return False
 
 
 def _library_versions() -> dict[str, str]:

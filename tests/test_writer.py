@@ -221,3 +221,13 @@ def test_store_killed_while_being_created_is_recreated(tmp_path):
         BlockStore.open(tmp_path / "r")
     shardset.generate_regression(tmp_path / "r", **kw)
     assert _digest(tmp_path / "r") == _digest(tmp_path / "ref")
+
+
+def test_torn_true_weights_are_rewritten_on_rerun(tmp_path):
+    path = tmp_path / "w.zarr"
+    shardset.generate_regression(path, rows=1000, features=5, block_rows=300, workers=1, progress=False)
+    want = shardset.true_parameters(shardset.BlockStore.open(path))[0]
+    (chunk,) = (path / "params" / "w" / "c").iterdir()
+    chunk.write_bytes(chunk.read_bytes()[:7])  # as a kill while params/w was written leaves it
+    shardset.generate_regression(path, rows=1000, features=5, block_rows=300, workers=1, progress=False)
+    np.testing.assert_array_equal(shardset.true_parameters(shardset.BlockStore.open(path))[0], want)
