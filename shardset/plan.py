@@ -9,12 +9,11 @@ block it ran 1.5x faster end to end than a vectorized Feistel evaluation).
 With a shuffle window of ``W`` blocks the stream is cut into *stages*: visited
 block ``k`` splits its permuted rows into ``W`` near-equal parts and hands part
 ``s`` to stage ``k + s``, so stage ``t`` mixes one part of each of the ``W``
-blocks ``t - W + 1 .. t``.  The parts are merged in proportion to their sizes
-(part ``j``'s ``i``-th row goes where ``(i + u_j) / n_j`` falls among all the
-parts' keys, ``u_j`` drawn from ``(seed, epoch, stage)``), so every batch draws
-on all ``W`` blocks evenly: each part is already a uniformly random sample of its
-block in random order, and merging costs a cheap merge of ``W`` sorted runs
-instead of a second permutation of the stage.  A block is needed for ``W``
+blocks ``t - W + 1 .. t``.  The parts are interleaved in proportion to their
+sizes (round-robin when they are within one row of each other, else by the
+keys ``(i + 1/2) / n_j``), so every batch draws on all ``W`` blocks evenly: each
+part is already a uniformly random sample of its block in random order, so no
+second permutation of the stage is needed.  A block is needed for ``W``
 consecutive stages and then retired, so a reader holds ``W`` blocks and still
 loads one block per block's worth of output: the window costs memory, not I/O.
 ``W = 1`` is the plain block shuffle (stage ``t`` is block ``t``'s rows in its
@@ -47,8 +46,8 @@ from .permutation import FeistelPermutation
 __all__ = ["EpochPlan", "Piece", "undelivered"]
 
 BLOCK_DOMAIN = "block-order"
-# spawn_key namespaces (synthetic data uses 0 and 1)
-_ROW_KEY, _STAGE_KEY = 2, 3
+# spawn_key namespace of the row orders (synthetic data uses 0 and 1)
+_ROW_KEY = 2
 
 
 @dataclass(frozen=True)
@@ -255,12 +254,15 @@ class EpochPlan:
         torch.randperm(n, generator=gen, out=torch.from_numpy(out))
         return out
 
-    def stage_merge(self, t: int, sizes: Sequence[int]) -> np.ndarray:
-        """The order that merges stage ``t``'s parts (of ``sizes`` rows, concatenated)
-        in proportion: position ``p`` of the stage holds concatenated row ``order[p]``."""
-        seq = np.random.SeedSequence(self.seed, spawn_key=(_STAGE_KEY, self.epoch, t))
-        u = np.random.Generator(np.random.Philox(seq)).random(len(sizes))
-        keys = np.concatenate([(np.arange(n) + u[j]) / n for j, n in enumerate(sizes)])
+    @staticmethod
+    def stage_merge(sizes: Sequence[int]) -> np.ndarray:
+        """The order that merges parts of ``sizes`` rows (concatenated) in proportion:
+        stage position ``p`` holds concatenated row ``order[p]``.
+
+        Part ``j``'s ``i``-th row sorts by ``(i + 1/2) / n_j``, ties in part order, so
+        parts of equal size interleave round-robin.
+        """
+        keys = np.concatenate([(np.arange(n) + 0.5) / n for n in sizes])
         return np.argsort(keys, kind="stable")  # a merge of sorted runs
 
     def piece_index(
@@ -284,9 +286,18 @@ class EpochPlan:
             block, _, lo, _ = members[0]
             np.add(order(block)[lo + piece.start : lo + piece.stop], base(block), out=out, casting="unsafe")
             return out
-        stage = np.concatenate([order(block)[lo:hi].astype(np.int64) + base(block) for block, _, lo, hi in members])
-        merge = self.stage_merge(piece.stage, [hi - lo for _, _, lo, hi in members])
-        out[:] = stage[merge[piece.start : piece.stop]]
+        sizes = [hi - lo for _, _, lo, hi in members]
+        m = min(sizes)
+        if max(sizes) - m <= 1:  # round-robin over m rows a part, then the few left over, in part order
+            stage = np.empty(sum(sizes), np.int64)
+            rounds = stage[: m * len(members)].reshape(m, len(members))
+            for j, (block, _, lo, _) in enumerate(members):
+                np.add(order(block)[lo : lo + m], base(block), out=rounds[:, j], casting="unsafe")
+            stage[m * len(members) :] = [order(b)[lo + m] + base(b) for b, _, lo, hi in members if hi - lo > m]
+        else:  # the short last block, or too few rows for even parts
+            stage = np.concatenate([order(b)[lo:hi].astype(np.int64) + base(b) for b, _, lo, hi in members])
+            stage = stage[self.stage_merge(sizes)]
+        out[:] = stage[piece.start : piece.stop]
         return out
 
 
