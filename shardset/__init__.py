@@ -6,6 +6,7 @@ epoch with a keyed Feistel permutation, and stream them back as torch batches.
 
 from .dataset import ShardedDataset
 from .errors import (
+    ArgumentError,
     CorruptBlockError,
     IncompleteStoreError,
     ShardsetError,
@@ -33,6 +34,7 @@ from .verify import VerifyReport, verify
 from .writer import write, write_blocks
 
 __all__ = [
+    "ArgumentError",
     "BlockStore",
     "CorruptBlockError",
     "FeistelPermutation",

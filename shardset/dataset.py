@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .errors import CorruptBlockError
+from .errors import ArgumentError, CorruptBlockError
 from .format import MIB, check_int
 from .plan import EpochPlan, Piece, undelivered
 from .store import CRC_BYTES, BlockStore
@@ -96,7 +96,7 @@ class ShardedDataset(IterableDataset):
         super().__init__()
         batch_size, prefetch = check_int("batch_size", batch_size), check_int("prefetch", prefetch, 0)
         if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise ArgumentError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.path = os.fspath(path)
         self.storage_options = dict(storage_options or {})
         store = BlockStore.open(self.path, storage_options=self.storage_options)
@@ -110,14 +110,14 @@ class ShardedDataset(IterableDataset):
         self.fields = list(self.layout.fields) if fields is None else list(fields)
         unknown = [f for f in self.fields if f not in self.layout.fields]
         if unknown or not self.fields:
-            raise ValueError(f"unknown fields {unknown}; the store has {list(self.layout.fields)}")
+            raise ArgumentError(f"unknown fields {unknown}; the store has {list(self.layout.fields)}")
         self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), int(seed)
         self.drop_last, self.prefetch, self.on_error = bool(drop_last), prefetch, on_error
         self.window_blocks = self._window(window_blocks, window_mb)
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         rows = self._plan_for(0, self.rank, self.world_size, self.batch_size, self.drop_last, None).stream_rows
         if rows < self.world_size:
-            raise ValueError(f"{rows} rows cannot be split across {self.world_size} ranks")
+            raise ArgumentError(f"{rows} rows cannot be split across {self.world_size} ranks")
         self.as_tuple = sorted(self.fields) == ["X", "y"]
         # [epoch, consumers finished with it]; shared so DataLoader workers (persistent
         # or not) and the main process agree on the epoch.
@@ -146,11 +146,11 @@ class ShardedDataset(IterableDataset):
 
     def _window(self, blocks: int | None, mb: float | None) -> int:
         if blocks is not None and mb is not None:
-            raise ValueError("give window_blocks or window_mb, not both")
+            raise ArgumentError("give window_blocks or window_mb, not both")
         if mb is None:
             return 1 if blocks is None else check_int("window_blocks", blocks)
         if not mb > 0:
-            raise ValueError(f"window_mb must be positive, got {mb}")
+            raise ArgumentError(f"window_mb must be positive, got {mb}")
         block_bytes = self.layout.block_rows * sum(self.layout.fields[f].row_bytes for f in self.fields)
         return max(1, int(mb * MIB) // block_bytes)
 
@@ -194,7 +194,7 @@ class ShardedDataset(IterableDataset):
         for s in states:
             lacking = [k for k in ("epoch", "batches", *self._stream_settings()) if k not in s]
             if lacking:
-                raise ValueError(f"not a ShardedDataset state: it lacks {', '.join(lacking)}")
+                raise ArgumentError(f"not a ShardedDataset state: it lacks {', '.join(lacking)}")
         if isinstance(state, Mapping):
             self._check(state, {**self._stream_settings(), **self._consumer_settings()})
             self.set_epoch(int(state["epoch"]))
@@ -203,13 +203,13 @@ class ShardedDataset(IterableDataset):
                 self._remaining = (int(state["epoch"]), tuple(tuple(i) for i in state["remaining"]))
             return
         if not states:
-            raise ValueError("need the states of every consumer of the run, got none")
+            raise ArgumentError("need the states of every consumer of the run, got none")
         for s in states:
             self._check(s, {**self._stream_settings(), "epoch": states[0]["epoch"]})
         consumers = sorted((int(s["rank"]), int(s.get("worker", 0))) for s in states)
         world, workers = int(states[0]["world_size"]), int(states[0].get("workers", 1))
         if consumers != [(r, w) for r in range(world) for w in range(workers)]:
-            raise ValueError(f"need the states of all {world} x {workers} consumers (rank, worker) of the run, "
+            raise ArgumentError(f"need the states of all {world} x {workers} consumers (rank, worker) of the run, "
                              f"got {consumers}")
         epoch = int(states[0]["epoch"])
         plans = [(self._plan_for(epoch, int(s["rank"]), world, int(s["batch_size"]), bool(s["drop_last"]),
@@ -234,7 +234,7 @@ class ShardedDataset(IterableDataset):
         differ = {k: (state.get(k), v) for k, v in mine.items() if k in state and state[k] != v}
         if differ:
             detail = ", ".join(f"{k}={a!r} (this dataset: {b!r})" for k, (a, b) in differ.items())
-            raise ValueError(f"state is for another stream: {detail}")
+            raise ArgumentError(f"state is for another stream: {detail}")
 
     def _stream_settings(self) -> dict[str, Any]:
         """What defines the epoch's stream (must match to continue it)."""
@@ -508,7 +508,7 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        raise ArgumentError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return int(rank), int(world_size)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = [
     "ShardsetError",
+    "ArgumentError",
     "StoreFormatError",
     "StoreNotFoundError",
     "StoreAccessError",
@@ -27,6 +28,10 @@ __all__ = [
 
 class ShardsetError(ValueError):
     """Base class for every error shardset raises about user input or store contents."""
+
+
+class ArgumentError(ShardsetError):
+    """An argument is out of range, of the wrong type, or inconsistent with the others."""
 
 
 class StoreFormatError(ShardsetError):

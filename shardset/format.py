@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .errors import StoreFormatError
+from .errors import ArgumentError, StoreFormatError
 
 __all__ = [
     "FORMAT_NAME",
@@ -73,7 +73,7 @@ def check_int(name: str, value: object, minimum: int = 1) -> int:
     """``value`` as an int if it is an integer (not a bool) >= ``minimum``, else ValueError."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise ArgumentError(f"{name} must be {kind}, got {value!r}")
     return int(value)
 
 
@@ -84,10 +84,10 @@ def block_rows_for(fields: Mapping[str, FieldSpec], block_mb: float = DEFAULT_BL
     1048576
     """
     if not MIN_BLOCK_MB <= block_mb <= MAX_BLOCK_MB:
-        raise ValueError(f"block_mb must be between {MIN_BLOCK_MB} and {MAX_BLOCK_MB}, got {block_mb}")
+        raise ArgumentError(f"block_mb must be between {MIN_BLOCK_MB} and {MAX_BLOCK_MB}, got {block_mb}")
     row_bytes = sum(f.row_bytes for f in fields.values())
     if row_bytes <= 0:
-        raise ValueError("fields must have at least one byte per row")
+        raise ArgumentError("fields must have at least one byte per row")
     return max(1, int(block_mb * MIB) // row_bytes)
 
 
@@ -102,11 +102,11 @@ class Layout:
 
     def __post_init__(self) -> None:
         if self.rows < 0:
-            raise ValueError(f"rows must be >= 0, got {self.rows}")
+            raise ArgumentError(f"rows must be >= 0, got {self.rows}")
         if self.block_rows < 1:
-            raise ValueError(f"block_rows must be a positive integer, got {self.block_rows}")
+            raise ArgumentError(f"block_rows must be a positive integer, got {self.block_rows}")
         if not self.fields:
-            raise ValueError("a store needs at least one field")
+            raise ArgumentError("a store needs at least one field")
 
     @property
     def num_blocks(self) -> int:

@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, TypeVar
 
-from .errors import StoreAccessError, StoreFormatError, StoreLockedError
+from .errors import ArgumentError, StoreAccessError, StoreFormatError, StoreLockedError
 from .urls import parse_url
 
 __all__ = [
@@ -62,13 +62,13 @@ def check_part(part: Part | None, overwrite: bool = False) -> Part | None:
     if part is None:
         return None
     if overwrite:
-        raise ValueError("overwrite cannot be combined with part: another part may already be writing the store")
+        raise ArgumentError("overwrite cannot be combined with part: another part may already be writing the store")
     try:
         i, k = (int(x) for x in part)
     except (TypeError, ValueError):
-        raise ValueError(f"part must be a pair (i, k), got {part!r}") from None
+        raise ArgumentError(f"part must be a pair (i, k), got {part!r}") from None
     if k < 1 or not 0 <= i < k or tuple(part) != (i, k):
-        raise ValueError(f"part must be (i, k) with 0 <= i < k, got {part!r}")
+        raise ArgumentError(f"part must be (i, k) with 0 <= i < k, got {part!r}")
     return i, k
 
 
@@ -243,7 +243,7 @@ def writer_lock(store: str | os.PathLike, part: Part | None = None) -> Iterator[
     """Hold the writer lock of ``store`` (re-entrant within a thread); ``None`` for URLs."""
     if not parse_url(store).is_local:
         if part is not None:
-            raise ValueError("part= needs a local store: cooperating writers coordinate through a lock file")
+            raise ArgumentError("part= needs a local store: cooperating writers coordinate through a lock file")
         yield None
         return
     key = _key(store)

@@ -29,6 +29,8 @@ from typing import Iterable, overload
 
 import numpy as np
 
+from .errors import ArgumentError
+
 __all__ = ["FeistelPermutation", "mix64"]
 
 ROUNDS = 8
@@ -79,7 +81,7 @@ class FeistelPermutation:
     ) -> None:
         n, seed, epoch, stream = (operator.index(v) for v in (n, seed, epoch, stream))
         if not 1 <= n <= MAX_N:
-            raise ValueError(f"permutation size must be in [1, 2**62], got {n}")
+            raise ArgumentError(f"permutation size must be in [1, 2**62], got {n}")
         self.n, self.seed, self.epoch, self.domain, self.stream = n, seed, epoch, domain, stream
         # Exact width from integer arithmetic: values 0..n-1 need (n-1).bit_length() bits.
         self.width = max((n - 1).bit_length(), MIN_WIDTH)

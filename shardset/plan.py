@@ -41,6 +41,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .errors import ArgumentError
 from .permutation import FeistelPermutation
 
 __all__ = ["EpochPlan", "Piece", "undelivered"]
@@ -85,11 +86,11 @@ class EpochPlan:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}")
+            raise ArgumentError(f"batch_size must be a positive integer, got {self.batch_size}")
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+            raise ArgumentError(f"rank must be in [0, {self.world_size}), got {self.rank}")
         if self.window_blocks < 1:
-            raise ValueError(f"window_blocks must be a positive integer, got {self.window_blocks}")
+            raise ArgumentError(f"window_blocks must be a positive integer, got {self.window_blocks}")
 
     # -- sizes ----------------------------------------------------------------------
 

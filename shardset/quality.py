@@ -40,6 +40,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .errors import ArgumentError
 from .format import check_int
 
 __all__ = [
@@ -82,12 +83,12 @@ class OrderQuality:
 
 def _classes(labels: np.ndarray, classes: int | None) -> int:
     if labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integers, got {labels.dtype}")
+        raise ArgumentError(f"labels must be integers, got {labels.dtype}")
     if labels.size and int(labels.min()) < 0:
-        raise ValueError("labels must be >= 0")
+        raise ArgumentError("labels must be >= 0")
     top = int(labels.max()) + 1 if labels.size else 1
     if classes is not None and classes < top:
-        raise ValueError(f"labels go up to {top - 1}, more than {classes} classes")
+        raise ArgumentError(f"labels go up to {top - 1}, more than {classes} classes")
     return top if classes is None else int(classes)
 
 
@@ -123,7 +124,7 @@ def label_vif(labels: np.ndarray, batch_size: int, classes: int | None = None) -
     labels = np.asarray(labels)
     c, n, b = _classes(labels, classes), len(labels), batch_size
     if n < 2 * b:
-        raise ValueError(f"need at least two full batches, got {n} rows for batch size {b}")
+        raise ArgumentError(f"need at least two full batches, got {n} rows for batch size {b}")
     p = _global(labels, c)
     observed = ((_full_batches(labels, b, c) - p) ** 2).mean(axis=0).sum()
     uniform = (p * (1 - p)).sum() / b * (n - b) / (n - 1)
@@ -301,9 +302,9 @@ def store_quality(
     label = label or ("label" if "label" in fields else "y")
     for name in (label, id_field):
         if name is not None and name not in fields:
-            raise ValueError(f"{path} has no field {name!r}; it has {sorted(fields)}")
+            raise ArgumentError(f"{path} has no field {name!r}; it has {sorted(fields)}")
     if int(np.prod(fields[label].shape)) != 1:
-        raise ValueError(f"label field {label!r} must hold one value per row, not shape {fields[label].shape}")
+        raise ArgumentError(f"label field {label!r} must hold one value per row, not shape {fields[label].shape}")
     stored = np.concatenate([store.read_block(label, b).reshape(-1) for b in range(store.layout.num_blocks)])
     edges = None
     if stored.dtype.kind == "f":

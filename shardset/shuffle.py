@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from .errors import ShardsetError, StoreFormatError
+from .errors import ArgumentError, ShardsetError, StoreFormatError
 from .format import DEFAULT_BLOCK_MB, Layout, check_int
 from .lock import locked
 from .permutation import FeistelPermutation
@@ -261,7 +261,7 @@ class _Buckets:
     def finish(self, parts: int, rows: int) -> None:
         """Make the ``parts`` bucket parts durable and mark the scatter finished."""
         if rows != self.layout.rows:
-            raise ValueError(f"the input held {rows} rows, expected {self.layout.rows}")
+            raise ArgumentError(f"the input held {rows} rows, expected {self.layout.rows}")
         for path in self.root.iterdir():
             _fsync_file(path)
         _fsync_file(self.root)
@@ -277,10 +277,10 @@ class _Buckets:
     ) -> int:
         lay = self.layout
         if set(chunk) != set(lay.fields):
-            raise ValueError(f"input has fields {sorted(chunk)}, expected {sorted(lay.fields)}")
+            raise ArgumentError(f"input has fields {sorted(chunk)}, expected {sorted(lay.fields)}")
         n = len(chunk[self.fields[0][0]])
         if start + n > lay.rows:
-            raise ValueError(f"the input holds more than the declared {lay.rows} rows")
+            raise ArgumentError(f"the input holds more than the declared {lay.rows} rows")
         dest = position(np.arange(start, start + n, dtype=np.int64))
         block = dest // lay.block_rows
         # A stable sort of 16-bit keys is a radix sort in numpy: O(n) for up to 65536 blocks.

@@ -39,6 +39,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .errors import ArgumentError
 from .format import DEFAULT_BLOCK_MB, FieldSpec, Layout, check_int
 from .lock import check_part, locked, metadata_mutex
 from .store import BlockStore, compressors_for
@@ -320,15 +321,15 @@ def generate_sparse_regression(
     features, nnz = check_int("features", features), check_int("nnz", nnz)
     seed, w_chunk = check_int("seed", seed, 0), check_int("w_chunk", w_chunk)
     if nnz > features:
-        raise ValueError(f"nnz must be at most features ({features}), got {nnz}")
+        raise ArgumentError(f"nnz must be at most features ({features}), got {nnz}")
     if not np.isfinite(bias) or not np.isfinite(noise) or noise < 0:
-        raise ValueError(f"bias must be finite and noise a finite value >= 0, got bias={bias}, noise={noise}")
+        raise ArgumentError(f"bias must be finite and noise a finite value >= 0, got bias={bias}, noise={noise}")
     if zipf is not None:
         if not (isinstance(zipf, (int, float)) and math.isfinite(zipf) and zipf > 0):
-            raise ValueError(f"zipf must be a finite exponent > 0, got {zipf!r}")
+            raise ArgumentError(f"zipf must be a finite exponent > 0, got {zipf!r}")
         mass = _Zipf(features, float(zipf)).new_mass(nnz - 1)
         if mass < _MIN_NEW_MASS:
-            raise ValueError(
+            raise ArgumentError(
                 f"zipf exponent {zipf} is too steep for {nnz} distinct indices per row among {features}: "
                 f"only {mass:.2g} of the probability lies outside the {nnz - 1} most frequent indices"
             )

@@ -43,7 +43,14 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from .errors import CorruptBlockError, IncompleteStoreError, StoreAccessError, StoreFormatError, StoreNotFoundError
+from .errors import (
+    ArgumentError,
+    CorruptBlockError,
+    IncompleteStoreError,
+    StoreAccessError,
+    StoreFormatError,
+    StoreNotFoundError,
+)
 from .format import ATTRS_KEY, FieldSpec, Layout, ranges_to_blocks
 from .urls import open_store, parse_url, store_exists
 
@@ -63,7 +70,7 @@ def compressors_for(compression: str | None, checksum: bool) -> list[Any]:
 
         codecs.append(LZ4())  # zarr warns that it is outside the v3 spec; docs/format.md says so too
     elif compression is not None:
-        raise ValueError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)} or none")
+        raise ArgumentError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)} or none")
     if checksum:
         codecs.append(Crc32cCodec())
     return codecs
@@ -250,13 +257,13 @@ class BlockStore:
     def write_block(self, block: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write every field of ``block`` and make it durable (the caller marks it complete)."""
         if set(arrays) != set(self.layout.fields):
-            raise ValueError(f"block needs fields {sorted(self.layout.fields)}, got {sorted(arrays)}")
+            raise ArgumentError(f"block needs fields {sorted(self.layout.fields)}, got {sorted(arrays)}")
         start, stop = self.layout.block_range(block)
         for name, data in arrays.items():
             spec = self.layout.fields[name]
             want = (stop - start, *spec.shape)
             if tuple(data.shape) != want:
-                raise ValueError(f"block {block} of '{name}' must have shape {want}, got {tuple(data.shape)}")
+                raise ArgumentError(f"block {block} of '{name}' must have shape {want}, got {tuple(data.shape)}")
             path = self.chunk_path(name, block)
             if path is not None and self._raw[name] is not None:
                 self._write_raw(name, block, path, data)
@@ -310,7 +317,7 @@ class BlockStore:
         if buffer is None:
             buffer = np.empty(want, dtype=np.uint8)
         elif buffer.nbytes < want:
-            raise ValueError(f"buffer too small: {buffer.nbytes} < {want}")
+            raise ArgumentError(f"buffer too small: {buffer.nbytes} < {want}")
         return buffer, want
 
     def _verified(self, name: str, block: int, buffer: np.ndarray, want: int) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .errors import StoreFormatError
+from .errors import ArgumentError, StoreFormatError
 from .format import DEFAULT_BLOCK_MB, FieldSpec, check_int
 from .lock import check_part, locked, metadata_mutex
 from .store import BlockStore
@@ -140,12 +140,12 @@ def generate_regression(
     """
     features, seed = check_int("features", features), check_int("seed", seed, 0)
     if not np.isfinite(bias) or not np.isfinite(noise) or noise < 0:
-        raise ValueError(f"bias must be finite and noise a finite value >= 0, got bias={bias}, noise={noise}")
+        raise ArgumentError(f"bias must be finite and noise a finite value >= 0, got bias={bias}, noise={noise}")
     fields = {"X": FieldSpec("float32", (int(features),)), "y": FieldSpec("float32", (1,))}
     layout = layout_for(rows, fields, block_mb=block_mb, block_rows=block_rows)  # checks sizes before w is drawn
     w = default_weights(int(features), int(seed)) if weights is None else np.asarray(weights, dtype=np.float32).reshape(-1)
     if w.shape != (features,):
-        raise ValueError(f"weights must have {features} entries, got {w.size}")
+        raise ArgumentError(f"weights must have {features} entries, got {w.size}")
     layout.generator = {
         "name": GENERATOR_NAME,
         "algorithm": ALGORITHM,
@@ -225,7 +225,7 @@ class _RegressionStream(IterableDataset):
         drop_last: bool = False, seed: int | None = None,
     ) -> None:
         if rows < 1 or batch_size < 1:
-            raise ValueError(f"rows and batch_size must be positive, got {rows} and {batch_size}")
+            raise ArgumentError(f"rows and batch_size must be positive, got {rows} and {batch_size}")
         self.w = torch.as_tensor(np.asarray(weights, dtype=np.float32)).reshape(-1)
         self.bias, self.noise, self.rows = float(bias), float(noise), int(rows)
         self.batch_size, self.drop_last, self.seed = int(batch_size), bool(drop_last), seed

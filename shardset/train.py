@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .errors import ArgumentError
 from .dataset import ShardedDataset
 from .format import check_int
 from .sparse import SPARSE_FIELDS, is_sparse, sparse_batch, sparse_true_parameters
@@ -79,12 +80,12 @@ def fit_linear_regression(
     ``path`` may be a URL (``s3://bucket/prefix``) with ``storage_options``.
     """
     if epochs < 1 or lr <= 0:
-        raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+        raise ArgumentError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
     ds = ShardedDataset(path, batch_size, seed=seed, prefetch=prefetch, fields=["X", "y"],
                         storage_options=storage_options)
     features = ds.layout.fields["X"].shape
     if len(features) != 1 or ds.layout.fields["y"].shape != (1,):
-        raise ValueError("linear regression needs X of shape (N, d) and y of shape (N, 1)")
+        raise ArgumentError("linear regression needs X of shape (N, d) and y of shape (N, 1)")
     torch.manual_seed(seed)
     model = torch.nn.Linear(features[0], 1)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -214,14 +215,14 @@ def fit_sparse_regression(
         (200, True, 4.2)
     """
     if optimizer not in DEFAULT_LR:
-        raise ValueError(f"optimizer must be one of {', '.join(DEFAULT_LR)}, got {optimizer!r}")
+        raise ArgumentError(f"optimizer must be one of {', '.join(DEFAULT_LR)}, got {optimizer!r}")
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     if epochs < 1 or lr <= 0:
-        raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+        raise ArgumentError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
     min_count = check_int("min_count", min_count, 0)
     store = BlockStore.open(path, storage_options=storage_options)
     if not is_sparse(store.layout):
-        raise ValueError(f"{path} is not a sparse store: it needs fields indices and values (N, nnz) and y (N, 1)")
+        raise ArgumentError(f"{path} is not a sparse store: it needs fields indices and values (N, nnz) and y (N, 1)")
     truth = sparse_true_parameters(store)
     features = int(store.layout.generator.get("features") or _max_index(store) + 1)
     ds = ShardedDataset(path, batch_size, seed=seed, prefetch=prefetch, fields=list(SPARSE_FIELDS),

@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from .errors import ShardsetError, StoreFormatError, StoreIOError
+from .errors import ArgumentError, ShardsetError, StoreFormatError, StoreIOError
 from .format import ATTRS_KEY, DEFAULT_BLOCK_MB, MIB, FieldSpec, Layout, block_rows_for, check_int
 from .lock import check_part, locked, metadata_mutex, sole_writer
 from .store import BlockStore, compressors_for
@@ -59,9 +59,9 @@ def layout_for(
     by_size = block_rows_for(fields, block_mb)  # validates block_mb even when block_rows overrides it
     row_bytes = sum(f.row_bytes for f in fields.values())
     if row_bytes > block_mb * MIB:
-        raise ValueError(f"one row is {row_bytes:,} bytes, more than a block of block_mb={block_mb} MiB")
+        raise ArgumentError(f"one row is {row_bytes:,} bytes, more than a block of block_mb={block_mb} MiB")
     if rows * row_bytes >= 1 << 63:
-        raise ValueError(f"{rows:,} rows of {row_bytes:,} bytes exceed the 8 EiB (2**63 bytes) a store can hold")
+        raise ArgumentError(f"{rows:,} rows of {row_bytes:,} bytes exceed the 8 EiB (2**63 bytes) a store can hold")
     block_rows = by_size if block_rows is None else check_int("block_rows", block_rows)
     return Layout(rows, min(block_rows, rows), dict(fields), dict(generator or {}))
 
@@ -158,12 +158,12 @@ def write(
     ``storage_options`` for its endpoint, region and credentials.
     """
     if shuffle and storage_options:
-        raise ValueError("shuffle=True writes through a local temporary store and takes no storage_options")
+        raise ArgumentError("shuffle=True writes through a local temporary store and takes no storage_options")
     if isinstance(batches, Mapping):
         arrays = batches
         lens = {len(a) for a in arrays.values()}
         if len(lens) != 1:
-            raise ValueError(f"arrays must share their first dimension, got lengths {sorted(lens)}")
+            raise ArgumentError(f"arrays must share their first dimension, got lengths {sorted(lens)}")
         rows = lens.pop() if rows is None else rows
         specs = {k: FieldSpec.of(np.asarray(a[:1])) for k, a in arrays.items()}
         layout = layout_for(rows, specs, block_mb=block_mb, block_rows=block_rows)
@@ -181,12 +181,12 @@ def write(
         _run(store, ((b, block(b)) for b in todo), len(todo), progress)
         return store
     if rows is None:
-        raise ValueError("rows= is required when writing an iterable of batches")
+        raise ArgumentError("rows= is required when writing an iterable of batches")
     it = iter(batches)
     try:
         first = {k: np.asarray(v) for k, v in next(it).items()}
     except StopIteration:
-        raise ValueError("no batches to write") from None
+        raise ArgumentError("no batches to write") from None
     layout = layout_for(rows, {k: FieldSpec.of(v) for k, v in first.items()}, block_mb=block_mb, block_rows=block_rows)
     if shuffle:
         chunks = (arr for _, arr in _rebatch(layout, _chain(first, it)))
@@ -239,7 +239,7 @@ def write_blocks(
     :mod:`shardset.dask_writer`.  ``path`` may be a URL with ``storage_options``.
     """
     if scheduler not in ("processes", "dask"):
-        raise ValueError(f"scheduler must be 'processes' or 'dask', got {scheduler!r}")
+        raise ArgumentError(f"scheduler must be 'processes' or 'dask', got {scheduler!r}")
     part = check_part(part, overwrite)
     store = open_for_writing(
         path, layout, compression=compression, checksum=checksum, overwrite=overwrite, storage_options=storage_options
@@ -479,18 +479,18 @@ def _rebatch(layout: Layout, batches: Iterable[Mapping[str, np.ndarray]]) -> Ite
     block, fill, buf = 0, 0, None
     for i, batch in enumerate(batches):
         if set(batch) != names:
-            raise ValueError(f"batch {i} has fields {sorted(batch)}, expected {sorted(names)}")
+            raise ArgumentError(f"batch {i} has fields {sorted(batch)}, expected {sorted(names)}")
         lens = {len(v) for v in batch.values()}
         if len(lens) != 1:
-            raise ValueError(f"batch {i}: fields have different lengths {sorted(lens)}")
+            raise ArgumentError(f"batch {i}: fields have different lengths {sorted(lens)}")
         n, pos = lens.pop(), 0
         for name, v in batch.items():
             spec = layout.fields[name]
             if tuple(v.shape[1:]) != spec.shape:
-                raise ValueError(f"batch {i}: field '{name}' rows have shape {tuple(v.shape[1:])}, expected {spec.shape}")
+                raise ArgumentError(f"batch {i}: field '{name}' rows have shape {tuple(v.shape[1:])}, expected {spec.shape}")
         while pos < n:
             if block >= layout.num_blocks:
-                raise ValueError(f"batches hold more than the declared {layout.rows} rows")
+                raise ArgumentError(f"batches hold more than the declared {layout.rows} rows")
             want = layout.block_len(block)
             if buf is None:
                 buf = {k: np.empty((want, *s.shape), s.dtype) for k, s in layout.fields.items()}
@@ -503,7 +503,7 @@ def _rebatch(layout: Layout, batches: Iterable[Mapping[str, np.ndarray]]) -> Ite
                 block, fill, buf = block + 1, 0, None
     if block != layout.num_blocks:
         got = block * layout.block_rows + fill
-        raise ValueError(f"batches hold {got} rows, fewer than the declared {layout.rows}")
+        raise ArgumentError(f"batches hold {got} rows, fewer than the declared {layout.rows}")
 
 
 def _describe(layout: Layout) -> str:
