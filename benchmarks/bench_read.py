@@ -170,12 +170,12 @@ class Timers:
 
 
 WAIT_KEY = "consumer: waits for the next block (next() on the block reader)"
-ORDER_KEY = "reader: record_order (row order inside the block)"
+ORDER_KEY = "reader: block_order (row order inside the block)"
 
 
 @contextlib.contextmanager
 def instrument(timers: Timers, per_batch: bool) -> Iterator[None]:
-    """Wrap the reader's per-block work (read_block, crc32c, record_order), the consumer's
+    """Wrap the reader's per-block work (read_block, crc32c, block_order), the consumer's
     waits for the next block and, with ``per_batch``, the consumer's torch.index_select /
     torch.cat, in timers.  Patches only what exists (shardset's internals may change)."""
     import torch
@@ -205,9 +205,9 @@ def instrument(timers: Timers, per_batch: bool) -> Iterator[None]:
         proxy.crc32c = timed("reader: crc32c", crc_mod.crc32c)
         stm.crc32c = proxy
         undo.append(lambda: setattr(stm, "crc32c", crc_mod))
-    orig_order = plm.EpochPlan.record_order
-    plm.EpochPlan.record_order = timed(ORDER_KEY, orig_order)
-    undo.append(lambda: setattr(plm.EpochPlan, "record_order", orig_order))
+    orig_order = plm.EpochPlan.block_order
+    plm.EpochPlan.block_order = timed(ORDER_KEY, orig_order)
+    undo.append(lambda: setattr(plm.EpochPlan, "block_order", orig_order))
 
     reader_cls = getattr(dsm, "_BlockReader", None)
     if reader_cls is not None and hasattr(reader_cls, "__iter__"):
@@ -389,43 +389,14 @@ WARM_CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("sd prefetch=2", {"shuffle": True, "prefetch": 2, "num_workers": 0, "budget": True}),
     ("sd num_workers=1", {"shuffle": True, "prefetch": 1, "num_workers": 1, "budget": True}),
     ("sd num_workers=2", {"shuffle": True, "prefetch": 1, "num_workers": 2, "budget": True}),
-    # diagnostics: what the shuffled epoch costs without the DataLoader, and with the row
-    # order inside a block from a plain torch.randperm instead of shardset's EpochPlan.record_order
+    # diagnostic: what the shuffled epoch costs without the DataLoader
     ("diag: sd shuffle, no DataLoader", {"shuffle": True, "prefetch": 1, "num_workers": 0, "dataloader": False, "budget": True}),
-    ("diag: sd shuffle, plain randperm row order", {"shuffle": True, "prefetch": 1, "num_workers": 0, "randperm_order": True, "budget": True}),
-    ("diag: sd shuffle, plain randperm row order, no DataLoader",
-     {"shuffle": True, "prefetch": 1, "num_workers": 0, "randperm_order": True, "dataloader": False, "budget": True}),
 ]
-
-
-@contextlib.contextmanager
-def randperm_row_order() -> Iterator[None]:
-    """Diagnostic only: replace ``EpochPlan.record_order`` (shardset's row order inside a
-    block) with a plain ``torch.randperm`` of the block seeded by (seed, epoch, block)."""
-    import numpy as np
-    import torch
-
-    import shardset.plan as plm
-
-    orig = plm.EpochPlan.record_order
-
-    def order(self, block, start, stop):
-        if not self.shuffle:
-            return np.arange(start, stop, dtype=np.int64)
-        n = min(self.block_rows, self.rows - block * self.block_rows)
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + block)
-        return torch.randperm(n, generator=g).numpy()[start:stop]
-
-    plm.EpochPlan.record_order = order
-    try:
-        yield
-    finally:
-        plm.EpochPlan.record_order = orig
 
 
 def order_costs(path: str, blocks: int = 3) -> dict[str, Any]:
     """Seconds to compute one block's row order, alone on an idle thread: shardset's
-    ``EpochPlan.record_order`` against a plain ``torch.randperm`` (what the baseline uses)."""
+    ``EpochPlan.block_order`` against a plain ``torch.randperm`` (what the baseline uses)."""
     import torch
 
     from shardset import BlockStore
@@ -437,13 +408,13 @@ def order_costs(path: str, blocks: int = 3) -> dict[str, Any]:
     for b in range(min(blocks, lay.num_blocks)):
         n = lay.block_len(b)
         t0 = time.perf_counter()
-        plan.record_order(b, 0, n)
+        plan.block_order(b)
         t1 = time.perf_counter()
         torch.randperm(n, generator=torch.Generator().manual_seed(b))
         t2 = time.perf_counter()
         ours.append(t1 - t0)
         randperm.append(t2 - t1)
-    return {"rows_per_block": lay.block_rows, "record_order_s": summarize(ours), "torch_randperm_s": summarize(randperm),
+    return {"rows_per_block": lay.block_rows, "block_order_s": summarize(ours), "torch_randperm_s": summarize(randperm),
             "torch_num_threads": torch.get_num_threads()}
 
 
@@ -501,9 +472,7 @@ def main(argv=None) -> dict[str, Any]:
                 return r
             cfg = dict(cfg)
             budget = args.variant_seconds if cfg.pop("budget", False) and max_batches is None else None
-            ablate = randperm_row_order() if cfg.pop("randperm_order", False) else contextlib.nullcontext()
-            with ablate:
-                return sd_epoch(path, bs, max_batches=max_batches, max_seconds=budget, seed=seed, **cfg)
+            return sd_epoch(path, bs, max_batches=max_batches, max_seconds=budget, seed=seed, **cfg)
 
         # ---- warm, interleaved rounds ------------------------------------------------------------
         warm_runs: dict[str, list] = {n: [] for n, _ in WARM_CONFIGS}
@@ -679,7 +648,7 @@ def analyse(args, desc, setup, warm_runs, warm_load, profile_runs, cold_runs, na
             "sd_first_batch_s": summarize([c["sd"]["first_batch_s"] for c in cold_runs]),
             "sd_reader_read_block_s": summarize([c["sd"]["timers"].get(rd_key, {"seconds": 0})["seconds"] for c in cold_runs]),
             "sd_reader_crc_s": summarize([c["sd"]["timers"].get("reader: crc32c", {"seconds": 0})["seconds"] for c in cold_runs]),
-            "sd_reader_record_order_s": summarize([c["sd"]["timers"].get(ORDER_KEY, {"seconds": 0})["seconds"]
+            "sd_reader_block_order_s": summarize([c["sd"]["timers"].get(ORDER_KEY, {"seconds": 0})["seconds"]
                                                    for c in cold_runs]),
             "sd_consumer_waits_s": summarize([c["sd"]["timers"].get(WAIT_KEY, {"seconds": 0})["seconds"]
                                               for c in cold_runs]),
@@ -807,8 +776,8 @@ def print_report(res: dict[str, Any], block_bytes: int) -> None:
                     title="Where a warm shuffled epoch goes (timers; num_workers=0, prefetch=1)")
     oc = st.get("row_order_cost_per_block")
     if oc:
-        print(f"row order of one block ({oc['rows_per_block']:,} rows) computed alone: shardset record_order "
-              f"{fmt(oc['record_order_s'], 1e3, 0)} ms, plain torch.randperm {fmt(oc['torch_randperm_s'], 1e3, 0)} ms\n")
+        print(f"row order of one block ({oc['rows_per_block']:,} rows) computed alone: shardset block_order "
+              f"{fmt(oc['block_order_s'], 1e3, 0)} ms, plain torch.randperm {fmt(oc['torch_randperm_s'], 1e3, 0)} ms\n")
     C = res["cold"]
     if C:
         ev = C["eviction_evidence"]
@@ -827,7 +796,7 @@ def print_report(res: dict[str, Any], block_bytes: int) -> None:
         )
         print_table(["cold ShardedDataset reader thread", "s median [min-max]"],
                     [["read_block (read + crc32c)", fmt(C["sd_reader_read_block_s"])], ["  of which crc32c", fmt(C["sd_reader_crc_s"])],
-                     ["record_order (row order)", fmt(C["sd_reader_record_order_s"])],
+                     ["block_order (row order)", fmt(C["sd_reader_block_order_s"])],
                      ["consumer waits for blocks", fmt(C["sd_consumer_waits_s"])]], title="Cold epoch: reader-thread timers")
     N = res["naive"]
     if N:
@@ -871,7 +840,7 @@ def plot(args, res: dict[str, Any]) -> None:
     names = list(W)
     vals = [common.errbar(W[n]["rows_per_s"], 1e-6) for n in names]
     ax = axes[0][0]
-    labels = [n.replace("diag: sd shuffle, ", "diag: ").replace("plain randperm row order", "randperm order") for n in names]
+    labels = [n.replace("diag: sd shuffle, ", "diag: ") for n in names]
     ax.barh(labels, [v[0] for v in vals], xerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=3,
             color=["#999" if n == "baseline" else ("#ff7f0e" if n.startswith("diag") else "#1f77b4") for n in names])
     ax.tick_params(axis="y", labelsize=7)

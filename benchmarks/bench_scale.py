@@ -172,7 +172,7 @@ def plot(args, res: dict[str, Any]) -> None:
         ax.set_xticklabels([f"{x:g}" for x in xs])
         ax.set_xlabel(f"store size, GB (dashed: RAM {ram:.0f} GB)")
         ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
         ax.legend()
     m = res["machine"]
     fig.suptitle(f"bench_scale: d={res['args']['features']}, {res['args']['block_mb']} MB blocks, batch {res['args']['batch_size']}; "

@@ -82,6 +82,21 @@ def render() -> str:
                      _m(s["logical_gb_per_s"], digits=3), _m(s["ratio_to_ref_logical"])] for k, s in sw.items()]
             out += ["Write sweeps (workers=1; codec `crc32c` = checksum only, `none` = no checksum):", "",
                     *_table(["config", "d", "block MB", "codec", "logical GB/s", "vs reference"], rows)]
+    if read:
+        W, C, N = read["warm"], read.get("cold") or {}, read.get("naive") or {}
+        rows = [[name, _rate(w["rows_per_s"]), _m(w["ratio_to_baseline"])] for name, w in W.items()]
+        if C:
+            rows.append(["cold: sd shuffle (GB/s of file bytes / O_DIRECT read)", _rate(C["sd_rows_per_s"]), _m(C["ratio_sd_over_o_direct"])])
+        for mode in ("warm", "cold"):
+            if mode in N:
+                rows.append([f"{mode}: naive memmap + DataLoader(shuffle=True), epoch extrapolated (shardset speed-up)",
+                             _rate(N[mode]["rows_per_s_epoch_extrapolated"]), _m(N[mode]["sd_speedup_epoch"], digits=0) + "x"])
+        mem = next(iter(read["memory"].items()), None)
+        out += [f"**Reading** (`read.json`: {read['setup']['logical_bytes'] / 2**30:.1f} GiB store, batch {read['args']['batch_size']}; "
+                "ratios to the baseline = plain reads + `randperm` + one gather per block):", "",
+                *_table(["reader", "rows/s", "ratio"], rows),
+                "Targets: " + "; ".join(f"{k}: {_verdict(v)}" for k, v in read["targets"].items())
+                + (f". Peak RSS, {mem[0]}: {_m(mem[1]['parent_peak_over_own_baseline_blocks'])} blocks over the imports." if mem else ""), ""]
     if matrix:
         rows = []
         for name in matrix["results"]["warm"]:
