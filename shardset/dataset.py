@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import warnings
@@ -442,6 +443,9 @@ class _BlockReader:
             self.loads[k] = self.io.submit(self._load, k, slot)
             block = plan.block_at(k)
             self.orders[block] = self.cpu.submit(plan.block_order, block, self.buffers.orders[slot])
+            for ahead in itertools.islice(self.needed, 2):  # the disk reads ahead of the buffers
+                for f in self.fields:
+                    self.store.will_need(f, plan.block_at(ahead))
         while self.indexed < len(self.pieces):
             members = plan.members(self.pieces[self.indexed].stage)
             if any(k not in self.slot_of for _, k, _, _ in members):

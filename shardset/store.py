@@ -229,6 +229,23 @@ class BlockStore:
     def chunk_path(self, name: str, block: int) -> Path | None:
         return None if self.local_root is None else self.local_root / self.chunk_key(name, block)
 
+    def will_need(self, name: str, block: int) -> None:
+        """Ask the kernel to start reading ``block`` of ``name`` into the page cache now
+        (local stores; elsewhere a no-op).  The reader calls it for the block after the
+        ones it is loading, so the disk keeps streaming while those wait for a free
+        buffer, at no cost in resident memory."""
+        path = self.chunk_path(name, block)
+        if path is None or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # a missing chunk is reported by the read itself
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
     def block_nbytes(self, name: str) -> int:
         """Bytes of one decoded block of ``name`` (the full chunk, padding included)."""
         return self.layout.block_rows * self.layout.fields[name].row_bytes
