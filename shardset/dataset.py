@@ -415,6 +415,8 @@ class _BlockReader:
             self._substitute(k, block, slot, err)
 
     def _read(self, block: int, slot: int) -> None:
+        for f in self.fields:  # every field's whole chunk is requested before the first read waits
+            self.store.will_need(f, block)
         for f in self.fields:
             self.store.read_block(f, block, self.buffers.slot(f, slot))
 
