@@ -158,9 +158,7 @@ def plot(args, res: dict[str, Any]) -> None:
     m = res["machine"]
     fig.suptitle(f"bench_matrix: {res['args']['gib']:g} GiB stores, d={res['args']['features']}; {m['cpu_model']}, "
                  f"{m['cpu_affinity_cores']} cores, {m['date']}; median of {res['args']['repeats']}, bars min-max", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args.name), dpi=110)
-    plt.close(fig)
+    common.save_plot(fig, args.name)
 
 
 if __name__ == "__main__":

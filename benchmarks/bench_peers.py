@@ -485,9 +485,7 @@ def plot(args, res: dict[str, Any]) -> None:
     m = res["machine"]
     fig.suptitle(f"bench_peers: {m['cpu_model']}, {m['cpu_affinity_cores']} cores, {m['date']}; skipped: "
                  f"{', '.join(res['skipped']) or 'none'}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args.name), dpi=110)
-    plt.close(fig)
+    common.save_plot(fig, args.name)
 
 
 if __name__ == "__main__":

@@ -325,9 +325,7 @@ def plot(args, res: dict[str, Any]) -> None:
     )
     top = max(max(r["indices_per_s"]["max"], r["indices_per_cpu_s"]["median"]) for r in rows) / 1e6
     ax.set_ylim(0, max(top, ref / 1e6, TARGET_INDICES_PER_S / 1e6) * 1.45)
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args.name), dpi=110)
-    plt.close(fig)
+    common.save_plot(fig, args.name)
 
 
 if __name__ == "__main__":

@@ -899,9 +899,7 @@ def plot(args, res: dict[str, Any]) -> None:
     fig.suptitle(f"bench_read ({args.name}): {res['setup']['logical_bytes'] / GiB:.2f} GiB, d={args.features}, {args.block_mb} MB blocks; "
                  f"{m['cpu_model']}, {m['cpu_affinity_cores']} cores, {m['data_dir_filesystem'].get('fstype')}, {m['date']}; "
                  f"median of {args.repeats}, bars min-max", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args.name), dpi=110)
-    plt.close(fig)
+    common.save_plot(fig, args.name)
 
 
 if __name__ == "__main__":

@@ -289,9 +289,7 @@ def plot(args, res: dict[str, Any]) -> None:
             color=["#999", "#1f77b4"])
     ax2.set_ylabel("MB/s")
     ax2.set_title(f"generate_regression, {d['blocks']} blocks: Dask / pool = {d['ratio']['median']:.2f}")
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args.name), dpi=110)
-    plt.close(fig)
+    common.save_plot(fig, args.name)
 
 
 if __name__ == "__main__":

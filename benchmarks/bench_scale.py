@@ -177,9 +177,7 @@ def plot(args, res: dict[str, Any]) -> None:
     m = res["machine"]
     fig.suptitle(f"bench_scale: d={res['args']['features']}, {res['args']['block_mb']} MB blocks, batch {res['args']['batch_size']}; "
                  f"{m['cpu_model']}, {m['cpu_affinity_cores']} cores, {m['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args.name), dpi=110)
-    plt.close(fig)
+    common.save_plot(fig, args.name)
 
 
 if __name__ == "__main__":

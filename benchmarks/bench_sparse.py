@@ -312,9 +312,7 @@ def plot(args, result: dict[str, Any]) -> None:
     b.set_ylabel("stored MB/s (workers=1)")
     b.set_title(f"generation, {args.gib} GiB per run")
     b.legend()
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args.name), dpi=110)
-    plt.close(fig)
+    common.save_plot(fig, args.name)
 
 
 if __name__ == "__main__":

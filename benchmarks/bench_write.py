@@ -488,7 +488,8 @@ def analyse(args, desc, baseline, driver_base_rss, main_runs, warm_runs, disk_de
             gen_proc = parent
             over = [(p - driver_base_rss) / block_bytes for p in parent]
         else:
-            gen_proc = [r["rss"]["max_worker_rss"] for r in runs]
+            # a short run's workers can exit between two samples: no figure then
+            gen_proc = [r["rss"]["max_worker_rss"] for r in runs if r["rss"]["max_worker_rss"] is not None]
             over = [(p - base_rss) / block_bytes for p in gen_proc]
         return {
             "writer_process_peak_rss_bytes": summarize(gen_proc),
@@ -538,8 +539,8 @@ def analyse(args, desc, baseline, driver_base_rss, main_runs, warm_runs, disk_de
             "value_w1": mem1["writer_process_peak_over_baseline_blocks"]["max"],
             "value_w2": mem2["writer_process_peak_over_baseline_blocks"]["max"],
             "target": 3.0,
-            "verdict": common.verdict(max(mem1["writer_process_peak_over_baseline_blocks"]["max"],
-                                          mem2["writer_process_peak_over_baseline_blocks"]["max"]), 3.0, higher_is_better=False),
+            "verdict": common.verdict(max((m["writer_process_peak_over_baseline_blocks"]["max"] for m in (mem1, mem2)),
+                                          key=lambda v: -1.0 if v is None else v), 3.0, higher_is_better=False),
         },
     }
     # the target: generate+write >= 0.80 x min(generation rate x workers, disk write bandwidth), per round
@@ -763,9 +764,7 @@ def plot(args, res: dict[str, Any]) -> None:
     m = res["machine"]
     fig.suptitle(f"bench_write ({args.name}): {m['cpu_model']}, {m['cpu_affinity_cores']} cores, "
                  f"{m['data_dir_filesystem'].get('fstype')}, {m['date']}; median of {args.repeats} runs, bars min-max", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args.name), dpi=110)
-    plt.close(fig)
+    common.save_plot(fig, args.name)
 
 
 if __name__ == "__main__":

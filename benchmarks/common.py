@@ -270,6 +270,17 @@ def plot_path(name: str) -> Path:
     return PLOTS_DIR / f"{name}.png"
 
 
+def save_plot(fig, name: str, dpi: int = 110) -> Path:
+    """Lay out ``fig``, save it as ``plots/<name>.png`` and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = plot_path(name)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def log_axis(ax, axis: str = "x") -> None:
     """Plain-number major labels and no minor labels on a log axis (they overlap otherwise)."""
     from matplotlib.ticker import FuncFormatter, NullFormatter

@@ -255,9 +255,7 @@ def plot(args, result: dict[str, Any]) -> None:
     s = result["settings"]
     fig.suptitle(f"SGD on linear regression ({s['schedule']} lr), {s['epochs']} epochs, batch {s['batch_size']}, "
                  f"{s['rows'] // s['block_rows']} blocks; median and min-max over {s['seeds']} seeds")
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args.name), dpi=120)
-    plt.close(fig)
+    common.save_plot(fig, args.name, dpi=120)
 
 
 if __name__ == "__main__":

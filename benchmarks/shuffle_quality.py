@@ -268,9 +268,7 @@ def plot(args, result: dict[str, Any]) -> None:
     a2.set_yscale("log")
     a2.legend(fontsize=7)
     fig.suptitle("Shuffle quality on a y-sorted store (label = decile of y)")
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args.name), dpi=120)
-    plt.close(fig)
+    common.save_plot(fig, args.name, dpi=120)
 
 
 if __name__ == "__main__":

@@ -104,8 +104,7 @@ def plot(args, result: dict[str, Any]) -> None:
     ax.set_ylabel("RSS of main process + workers after the epoch (MiB)")
     ax.set_title(f"{result['args']['rows']:,} rows, {result['args']['workers']} DataLoader workers")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args.name), dpi=120)
+    common.save_plot(fig, args.name, dpi=120)
 
 
 def main(argv=None) -> dict[str, Any]:

@@ -132,3 +132,32 @@ def test_common_options_and_rows_for():
     assert common.rows_for(0.001, 16, 128) == (1 << 30) // 1000 // 68
     assert common.rows_for(1.0, 16, 128) % shardset.format.block_rows_for(
         {"X": shardset.FieldSpec("float32", (16,)), "y": shardset.FieldSpec("float32", (1,))}, 128) == 0
+
+
+# Every script end to end on a tiny store, the figures going to tmp_path (bench_matrix above; the
+# peers through their contenders above). Sizes are the smallest each script accepts.
+SCRIPTS = {
+    "bench_read": ["--quick", "--rows", "30000", "--naive-seconds", "0.2", "--variant-seconds", "0.2",
+                   "--warmup-blocks", "1", "--no-profile"],
+    "bench_write": ["--quick", "--gib", "0.01", "--sweep-gib", "0.005", "--disk-gib", "0.01", "--gen-mib", "4",
+                    "--gen-passes", "1", "--block-mbs", "64", "--ds", "2", "--codecs", "none"],
+    "bench_scale": ["--quick", "--sizes", "0.005", "--big-gb", "100"],
+    "bench_permutation": ["--quick"],
+    "soak": ["--quick", "--rows", "20000", "--blocks", "4", "--epochs", "3", "--workers", "2", "--warmup", "1"],
+    "convergence": ["--quick", "--rows", "4096", "--block-rows", "512", "--seeds", "1", "--epochs", "1"],
+    "shuffle_quality": ["--quick", "--rows", "8192", "--block-rows", "512", "--read-mib", "4", "--read-block-mib", "1",
+                        "--shuffle-mib", "4", "--shuffle-block-mib", "1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_script_end_to_end(script, results_in_tmp, tmp_path):
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    data = [] if script == "bench_permutation" else ["--data-dir", str(tmp_path / "d")]
+    res = module.main([*SCRIPTS[script], *data, "--name", "smoke"])
+    assert isinstance(res, dict) and res
+    assert (results_in_tmp / "results" / "smoke.json").exists()
+    assert (results_in_tmp / "plots" / "smoke.png").exists()
