@@ -413,12 +413,27 @@ def _role(proc, root_pid: int) -> str:
     return "worker"
 
 
+def anon_rss(pid: int | str = "self") -> int | None:
+    """Anonymous resident memory of a process (``RssAnon`` in /proc/PID/status: its data,
+    not the libraries it maps), or None off Linux.  A forked child counts the pages it
+    inherited, so its anonymous RSS over a fresh interpreter's is what it allocated."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class RssSampler:
     """Sample the RSS of a process and all its descendants every ``interval`` seconds.
 
     Use as a context manager; afterwards :meth:`result` gives the peak RSS of each
     process seen (``role`` is ``parent``, ``worker`` or ``helper`` - e.g. the
-    multiprocessing resource tracker).  Peaks shorter than the interval can be missed.
+    multiprocessing resource tracker), and its peak anonymous RSS (:func:`anon_rss`).
+    Peaks shorter than the interval can be missed.
     """
 
     def __init__(self, pid: int | None = None, interval: float = 0.05) -> None:
@@ -446,8 +461,12 @@ class RssSampler:
                 continue
             rec = self.peaks.get(p.pid)
             if rec is None:
-                rec = self.peaks[p.pid] = {"pid": p.pid, "role": _role(p, self.root_pid), "max_rss": 0, "samples": 0}
+                rec = self.peaks[p.pid] = {"pid": p.pid, "role": _role(p, self.root_pid), "max_rss": 0, "max_anon": None,
+                                           "samples": 0}
             rec["max_rss"] = max(rec["max_rss"], rss)
+            anon = anon_rss(p.pid)
+            if anon is not None:
+                rec["max_anon"] = max(rec["max_anon"] or 0, anon)
             rec["samples"] += 1
         self.samples += 1
 
@@ -478,6 +497,7 @@ class RssSampler:
             "parent_max_rss": parent[0] if parent else None,
             "worker_max_rss": workers,
             "max_worker_rss": max(workers) if workers else None,
+            "max_anon": max((r["max_anon"] for r in procs if r["role"] != "helper" and r["max_anon"] is not None), default=None),
             "processes": procs,
         }
 
@@ -490,7 +510,10 @@ import shardset
 torch.set_num_threads(1)
 t1 = time.perf_counter()
 import psutil
-print(json.dumps({"rss": psutil.Process().memory_info().rss, "import_s": t1 - t0}))
+anon = None
+if os.path.exists("/proc/self/status"):  # RssAnon, as benchmarks.common.anon_rss reads it
+    anon = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
+print(json.dumps({"rss": psutil.Process().memory_info().rss, "anon": anon, "import_s": t1 - t0}))
 """
 
 
@@ -498,15 +521,17 @@ def baseline_rss(repeats: int = 3) -> dict[str, Any]:
     """RSS of a fresh interpreter after ``import numpy, torch, zarr, shardset``
     (what every writer or DataLoader worker process pays before touching data),
     and how long those imports take (a spawned worker's start-up cost)."""
-    rss, imp = [], []
+    rss, anon, imp = [], [], []
     for _ in range(repeats):
         out = subprocess.run(
             [sys.executable, "-c", _BASELINE_CODE], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300
         )
         rec = json.loads(out.stdout.strip().splitlines()[-1])
         rss.append(rec["rss"])
+        if rec["anon"] is not None:
+            anon.append(rec["anon"])
         imp.append(rec["import_s"])
-    return {"rss_bytes": summarize(rss), "import_seconds": summarize(imp)}
+    return {"rss_bytes": summarize(rss), "anon_rss_bytes": summarize(anon), "import_seconds": summarize(imp)}
 
 
 # -- page cache --------------------------------------------------------------------------------
@@ -602,11 +627,22 @@ def warm(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
     return {**buffered_read(paths), **resident_bytes(paths)}
 
 
-def fsync_write_bandwidth(directory: str | os.PathLike, total: int, fsync_every: int | None = None) -> dict[str, Any]:
-    """:func:`shardset.bench.fsync_write` (kept under this name for the scripts that call it)."""
+def fsync_write_bandwidth(
+    directory: str | os.PathLike, total: int, fsync_every: int | None = None, file_bytes: int | None = None
+) -> dict[str, Any]:
+    """Durable sequential write bandwidth: :func:`shardset.bench.fsync_write` of ``total`` bytes.
+
+    With ``file_bytes``, the write pattern of a store's blocks instead: ``total`` bytes as
+    consecutive new files of ``file_bytes`` each, every file written and fsynced before the
+    next one starts (``gb_per_s`` counts writes and fsyncs, ``files`` says how many)."""
     from shardset.bench import fsync_write
 
-    return fsync_write(directory, total, fsync_every=fsync_every)
+    if file_bytes is None:
+        return fsync_write(directory, total, fsync_every=fsync_every)
+    runs = [fsync_write(directory, min(file_bytes, total - at)) for at in range(0, total, file_bytes)]
+    seconds = sum(r["seconds"] for r in runs)
+    return {"bytes": total, "seconds": seconds, "fsync_s": sum(r["fsync_s"] for r in runs), "files": len(runs),
+            "file_bytes": file_bytes, "gb_per_s": total / seconds / GB}
 
 
 def rows_for(gib: float, features: int, block_mb: int) -> int:

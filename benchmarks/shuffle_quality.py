@@ -18,11 +18,16 @@ Three parts:
 2. **Throughput** of ``ShardedDataset`` with ``W = 8`` against ``W = 1`` on one
    store (warm page cache), rounds alternating the two, ratio per round.
 3. **Write-time shuffle** of a store (``shardset.shuffle_store`` with its
-   defaults: both passes on every core) against the sequential write
-   bandwidth of the same disk with an fsync per block
-   (:func:`benchmarks.common.fsync_write_bandwidth`), and the peak RSS of its
-   largest process in blocks over a fresh interpreter's, at two store sizes
-   (memory must not grow with the size).
+   defaults: both passes on every core, the input evicted from the page cache
+   before each run) against the durable sequential write bandwidth of the same
+   disk for the same bytes in the store's pattern: block-sized files, each
+   written and fsynced (:func:`benchmarks.common.fsync_write_bandwidth`), the two
+   alternating round by round.  The peak RSS of its largest process over a fresh
+   interpreter's is checked against ``shuffle_rss_budget`` (a formula of the
+   block size) at every size in ``--shuffle-mib``: flat in the size and under the
+   budget is the evidence for data larger than RAM, which this disk cannot hold
+   three copies of.  Sizes whose source, output and buckets would not fit in the
+   free disk less 5 GB are skipped.
 
 Results: ``benchmarks/results/<name>.json`` and ``benchmarks/plots/<name>.png``
 (default name ``shuffle_quality``).
@@ -31,6 +36,7 @@ Results: ``benchmarks/results/<name>.json`` and ``benchmarks/plots/<name>.png``
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import subprocess
 import sys
@@ -67,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--read-mib", type=int, default=256, help="size of the throughput store")
     p.add_argument("--read-block-mib", type=int, default=16, help="block size of the throughput store")
-    p.add_argument("--shuffle-mib", default="256,1024", help="store sizes for the write-time shuffle")
+    p.add_argument("--shuffle-mib", default="1024,4096",
+                   help="store sizes (MiB, comma-separated) for the write-time shuffle, e.g. 1024,4096,12288")
     p.add_argument("--shuffle-block-mib", type=int, default=32)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--data-dir", default=None)
@@ -145,38 +152,76 @@ def throughput(args, root: Path) -> dict[str, Any]:
 # -- 3. write-time shuffle -------------------------------------------------------------------
 
 
-def write_shuffle(args, root: Path, baseline_rss: float) -> list[dict[str, Any]]:
+def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]]:
+    import psutil
+
+    from shardset.shuffle import shuffle_rss_budget
+
     row_bytes = 17 * 4
     block_rows = args.shuffle_block_mib * common.MiB // row_bytes
     block_bytes = block_rows * row_bytes
+    ram = psutil.virtual_memory().total
     out = []
     for mib in (int(s) for s in args.shuffle_mib.split(",")):
         rows = mib * common.MiB // row_bytes
+        need, free = 3 * rows * row_bytes + 5 * common.GB, shutil.disk_usage(root).free
+        if need > free:
+            print(f"shuffle {mib} MiB skipped: source, output and buckets need {need / common.GB:.0f} GB "
+                  f"with 5 GB to spare, {free / common.GB:.0f} GB free", flush=True)
+            continue
         src, dst = root / f"src-{mib}.zarr", root / f"dst-{mib}.zarr"
         shardset.generate_regression(src, rows=rows, features=16, block_rows=block_rows, workers=1, progress=False)
-        shuffle_s, rss, disk = [], [], []
-        for _ in range(args.repeats):
-            disk.append(common.fsync_write_bandwidth(root, rows * row_bytes, fsync_every=block_bytes)["gb_per_s"])
+        layout = shardset.BlockStore.open(src).layout
+        budget = shuffle_rss_budget(layout, layout)  # the output keeps the input's blocks
+        shuffle_s, rss, disk, resident, cpu, other = [], [], [], [], [], []
+
+        def measure_disk() -> None:
+            disk.append(common.fsync_write_bandwidth(root, rows * row_bytes, file_bytes=block_bytes)["gb_per_s"])
+
+        def measure_shuffle() -> None:
+            resident.append(common.evict_verified(common.tree_files(src))["resident_after"])
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.Popen([sys.executable, "-c", _SHUFFLE_CHILD, str(src), str(dst)], cwd=common.REPO_ROOT,
                                     stdout=subprocess.PIPE, text=True)
-            with common.RssSampler(proc.pid) as sampler:
+            with common.RssSampler(proc.pid, interval=0.02) as sampler, common.CpuLoad() as load:
                 seconds, _ = proc.communicate()
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and every process it waited for
+            cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+            other.append(load.result()["other_busy_cores"])
             if proc.returncode != 0:
                 raise SystemExit(f"shuffle_store failed with exit code {proc.returncode}")
             shuffle_s.append(float(seconds))  # timed inside the child: its interpreter start is not the shuffle's
-            peaks = sampler.result()
-            rss.append((max(peaks["parent_max_rss"], peaks["max_worker_rss"] or 0) - baseline_rss) / block_bytes)
+            # anonymous RSS: a forked worker's plain RSS leaves out the library pages it never
+            # touched, which would hide part of what it allocated
+            rss.append(sampler.result()["max_anon"] - baseline_anon)
             shutil.rmtree(dst)
+
+        for r in range(args.repeats):
+            for step in (measure_disk, measure_shuffle) if r % 2 == 0 else (measure_shuffle, measure_disk):
+                step()
         gbs = [rows * row_bytes / s / common.GB for s in shuffle_s]
         rec = {
-            "mib": mib, "rows": rows, "block_rows": block_rows, "blocks": -(-rows // block_rows),
+            "mib": mib, "rows": rows, "block_rows": block_rows, "block_bytes": block_bytes, "blocks": layout.num_blocks,
+            "larger_than_ram": rows * row_bytes > ram,
             "shuffle_gb_per_s": summarize(gbs), "disk_write_gb_per_s": summarize(disk),
-            "shuffle_over_disk": ratio_summary(gbs, disk), "peak_rss_blocks_over_baseline": summarize(rss),
+            "shuffle_over_disk": ratio_summary(gbs, disk),
+            "peak_rss_bytes_over_baseline": summarize(rss),
+            "peak_rss_blocks_over_baseline": summarize(v / block_bytes for v in rss),
+            "rss_budget_bytes": budget, "peak_rss_over_budget": summarize(v / budget for v in rss),
+            "input_resident_after_evict": summarize(resident),
+            # CPU of the whole process tree (interpreter start included) per GB: how fast 2 idle
+            # cores could go, whatever the disk; and how many cores other programs kept busy meanwhile
+            "shuffle_cpu_s_per_gb": summarize(c / (rows * row_bytes / common.GB) for c in cpu),
+            "other_busy_cores_during_shuffle": summarize(other),
         }
         out.append(rec)
         print(f"shuffle {mib} MiB: {fmt(rec['shuffle_gb_per_s'])} GB/s, disk {fmt(rec['disk_write_gb_per_s'])} GB/s, "
-              f"peak RSS {fmt(rec['peak_rss_blocks_over_baseline'], digits=2)} blocks", flush=True)
+              f"peak RSS {fmt(rec['peak_rss_bytes_over_baseline'], 1 / common.MiB, digits=0)} MiB "
+              f"(budget {budget / common.MiB:.0f} MiB), {fmt(rec['shuffle_cpu_s_per_gb'], digits=1)} CPU-s/GB, "
+              f"other programs busy {fmt(rec['other_busy_cores_during_shuffle'], digits=1)} cores", flush=True)
         shutil.rmtree(src)
+    if not out:
+        raise SystemExit("no write-shuffle size fits on this disk; give smaller --shuffle-mib")
     return out
 
 
@@ -191,7 +236,7 @@ def main(argv=None) -> dict[str, Any]:
         with common.CpuLoad() as load:
             q = quality(args, root)
             t = throughput(args, root)
-            s = write_shuffle(args, root, base["rss_bytes"]["median"])
+            s = write_shuffle(args, root, base["anon_rss_bytes"]["median"])
     b = args.batch_size
     ws, uni = q["write shuffle + W = 1"], q["W = 1"]["uniform"]["batch_tv"]["median"]
     best_w8 = q["W = 8"]["reader"]["effective_batch"]["median"]
@@ -202,8 +247,11 @@ def main(argv=None) -> dict[str, Any]:
         ("W=8 (8-block budget): effective batch / b (>= 0.5)", best_w8 / b, verdict(best_w8 / b, 0.5)),
         ("measured VIF / formula, worst of W=1..8 (within 10%)", vif_worst, "MET" if abs(vif_worst - 1) <= 0.1 else "MISSED"),
         ("read W=8 / W=1 (>= 0.90)", t["w8_over_w1"]["median"], verdict(t["w8_over_w1"]["median"], 0.9)),
-        ("write-time shuffle / disk sequential write (>= 0.30)", min(r["shuffle_over_disk"]["median"] for r in s),
-         verdict(min(r["shuffle_over_disk"]["median"] for r in s), 0.3)),
+        ("write-time shuffle / durable sequential write, worst size (>= 0.30)",
+         min(r["shuffle_over_disk"]["median"] for r in s), verdict(min(r["shuffle_over_disk"]["median"] for r in s), 0.3)),
+        ("write-time shuffle: peak RSS / budget, worst run of every size (<= 1)",
+         max(r["peak_rss_over_budget"]["max"] for r in s),
+         verdict(max(r["peak_rss_over_budget"]["max"] for r in s), 1.0, higher_is_better=False)),
     ]
     result = {
         "machine": desc, "other_load": load.result(), "baseline_rss": base,
@@ -230,10 +278,17 @@ def main(argv=None) -> dict[str, Any]:
     print_table(["read", "rows/s"], [(k, fmt(v, 1e-6) + " M") for k, v in t["rows_per_s"].items()]
                 + [("W=8 / W=1", fmt_ratio(t["w8_over_w1"]))],
                 title=f"ShardedDataset, {t['blocks']} blocks of {t['block_rows']:,} rows (d=16), batch {b}, warm cache")
-    print_table(["store", "shuffle GB/s", "disk write+fsync GB/s", "ratio", "peak RSS (blocks)"],
-                [(f"{r['mib']} MiB, {r['blocks']} blocks", fmt(r["shuffle_gb_per_s"]), fmt(r["disk_write_gb_per_s"]),
-                  fmt_ratio(r["shuffle_over_disk"]), fmt(r["peak_rss_blocks_over_baseline"])) for r in s],
-                title="write-time shuffle (shuffle_store, both passes on all cores)")
+    result["write_shuffle_table"] = print_table(
+        ["store", "shuffle GB/s", "block files+fsync GB/s", "ratio", "peak anon RSS MiB", "budget MiB", "RSS / budget",
+         "CPU-s / GB", "other load (cores)"],
+        [(f"{r['mib'] / 1024:g} GiB, {r['blocks']} blocks", fmt(r["shuffle_gb_per_s"]), fmt(r["disk_write_gb_per_s"]),
+          fmt_ratio(r["shuffle_over_disk"]), fmt(r["peak_rss_bytes_over_baseline"], 1 / common.MiB, digits=0),
+          f"{r['rss_budget_bytes'] / common.MiB:.0f}", fmt(r["peak_rss_over_budget"]), fmt(r["shuffle_cpu_s_per_gb"], digits=1),
+          fmt(r["other_busy_cores_during_shuffle"], digits=1)) for r in s],
+        title=f"write-time shuffle (shuffle_store, both passes on all cores, input evicted), blocks of "
+              f"{args.shuffle_block_mib} MiB = B, R = B / 68 rows; peak anonymous RSS of the largest process over a "
+              f"fresh interpreter's; budget max(2 B + 32 R, 3 B + 12 R) per process; RAM {desc['ram_total_gib']} GiB",
+    )
     print_table(["target", "value", "verdict"], [(k, f"{v['value']:.3g}", v["verdict"]) for k, v in result["targets"].items()])
     return common.finish(args, result, plot, started)
 
@@ -246,7 +301,7 @@ def plot(args, result: dict[str, Any]) -> None:
 
     q = result["quality"]
     b = result["settings"]["batch_size"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 4.5))
     ws = np.array(WINDOWS)
     measured = [q[f"W = {w}"]["reader"]["vif"] for w in WINDOWS]
     med, lo, hi = zip(*(common.errbar(m) for m in measured))
@@ -267,7 +322,25 @@ def plot(args, result: dict[str, Any]) -> None:
     a2.set_ylabel("mean batch label TV")
     a2.set_yscale("log")
     a2.legend(fontsize=7)
-    fig.suptitle("Shuffle quality on a y-sorted store (label = decile of y)")
+    s = result["write_shuffle"]
+    gib = [r["mib"] / 1024 for r in s]
+    for key, label in (("shuffle_gb_per_s", "shuffle_store"), ("disk_write_gb_per_s", "block files written + fsynced")):
+        med, lo, hi = zip(*(common.errbar(r[key]) for r in s))
+        a3.errorbar(gib, med, yerr=[lo, hi], fmt="o-", capsize=3, label=f"{label} (GB/s)")
+    a3.set_xscale("log", base=2)
+    a3.set_xlabel("store size (GiB)")
+    a3.set_ylabel("GB/s of data")
+    a3.set_ylim(bottom=0)
+    a3.legend(fontsize=8, loc="upper left")
+    r3 = a3.twinx()
+    med, lo, hi = zip(*(common.errbar(r["peak_rss_bytes_over_baseline"], 1 / common.MiB) for r in s))
+    r3.errorbar(gib, med, yerr=[lo, hi], fmt="s--", color="tab:red", capsize=3, label="peak RSS over interpreter")
+    r3.plot(gib, [r["rss_budget_bytes"] / common.MiB for r in s], ":", color="tab:red", label="RSS budget")
+    r3.set_ylabel("MiB per process")
+    r3.set_ylim(bottom=0)
+    r3.legend(fontsize=8, loc="lower right")
+    a3.set_title("write-time shuffle", fontsize=10)
+    fig.suptitle("Shuffle quality on a y-sorted store (label = decile of y); write-time shuffle vs size")
     common.save_plot(fig, args.name, dpi=120)
 
 

@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import socket
+import traceback
 from datetime import timedelta
 
 import numpy as np
@@ -62,45 +63,67 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    """The training loop of one rank, in an initialized process group (destroyed at the end)."""
+    """Train on this rank in the initialized process group, then destroy the group."""
     torch.set_num_threads(1)
     try:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        ds = ShardedDataset(args.path, args.batch_size, seed=args.seed, fields=["X", "y"])
-        loader = torch.utils.data.DataLoader(ds, batch_size=None)
-        torch.manual_seed(args.seed)
-        model = DistributedDataParallel(torch.nn.Linear(ds.layout.fields["X"].shape[0], 1))
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr)
-        steps = []
-        for epoch in range(args.epochs):
-            ds.set_epoch(epoch)
-            seen, n = [], 0
-            for X, y in loader:
-                loss = torch.nn.functional.mse_loss(model(X), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # DDP averages the gradients of all ranks here
-                opt.step()
-                n += 1
-                if args.record:
-                    seen.append(X.numpy())
-            steps.append(n)
-            if args.record:
-                np.save(os.path.join(args.record, f"rank{rank}-epoch{epoch}.npy"), np.concatenate(seen))
-            if rank == 0:
-                print(f"epoch {epoch}: {n} steps per rank on {world} ranks, last loss {loss.item():.6f}", flush=True)
-        all_steps = [None] * world
-        dist.all_gather_object(all_steps, steps)
-        if rank == 0:
-            w = model.module.weight.detach().numpy().reshape(-1)
-            b = float(model.module.bias.detach())
-            truth = true_parameters(BlockStore.open(args.path))
-            print(f"recovered w {np.round(w, 4)}, b {b:.4f}" + ("" if truth is None else
-                  f"; true w {np.round(truth[0], 4)}, b {truth[1]:.4f}"), flush=True)
-            if args.record:
-                with open(os.path.join(args.record, "summary.json"), "w") as f:
-                    json.dump({"world_size": world, "steps": all_steps, "w": w.tolist(), "b": b}, f)
+        _train(args)
+    except BaseException as err:
+        traceback.clear_frames(err.__traceback__)  # they hold the model: let it go before the group
+        raise
     finally:
-        dist.destroy_process_group()
+        _destroy_group()
+
+
+def _destroy_group() -> None:
+    """Destroy the default group so that its last reference goes without holding the GIL.
+
+    The DDP model's reducer holds the group too.  Were the reducer the last to let
+    go, gloo's destructor would join its worker threads while holding the GIL, and a
+    worker still freeing the tensors of a finished collective (``all_gather_object``'s)
+    needs the GIL for that: deadlock (pytorch/pytorch#56297).  So the model is gone
+    by now, and the last reference is our Python handle, whose release drops the GIL.
+    """
+    group = dist.group.WORLD
+    dist.destroy_process_group()
+    del group
+
+
+def _train(args: argparse.Namespace) -> None:
+    """The training loop of one rank; the model lives only while this runs."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds = ShardedDataset(args.path, args.batch_size, seed=args.seed, fields=["X", "y"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=None)
+    torch.manual_seed(args.seed)
+    model = DistributedDataParallel(torch.nn.Linear(ds.layout.fields["X"].shape[0], 1))
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    steps = []
+    for epoch in range(args.epochs):
+        ds.set_epoch(epoch)
+        seen, n = [], 0
+        for X, y in loader:
+            loss = torch.nn.functional.mse_loss(model(X), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the gradients of all ranks here
+            opt.step()
+            n += 1
+            if args.record:
+                seen.append(X.numpy())
+        steps.append(n)
+        if args.record:
+            np.save(os.path.join(args.record, f"rank{rank}-epoch{epoch}.npy"), np.concatenate(seen))
+        if rank == 0:
+            print(f"epoch {epoch}: {n} steps per rank on {world} ranks, last loss {loss.item():.6f}", flush=True)
+    all_steps = [None] * world
+    dist.all_gather_object(all_steps, steps)
+    if rank == 0:
+        w = model.module.weight.detach().numpy().reshape(-1)
+        b = float(model.module.bias.detach())
+        truth = true_parameters(BlockStore.open(args.path))
+        print(f"recovered w {np.round(w, 4)}, b {b:.4f}" + ("" if truth is None else
+              f"; true w {np.round(truth[0], 4)}, b {truth[1]:.4f}"), flush=True)
+        if args.record:
+            with open(os.path.join(args.record, "summary.json"), "w") as f:
+                json.dump({"world_size": world, "steps": all_steps, "w": w.tolist(), "b": b}, f)
 
 
 if __name__ == "__main__":

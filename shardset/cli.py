@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--seed", type=_nonneg_int, default=0)
         if name == "read":
             r.add_argument("--no-shuffle", action="store_true")
+            _add_window_options(r)
         else:
             r.add_argument("--lr", type=_finite_float, default=None,
                            help="learning rate (default: 0.03 for SGD on X/y stores, 1.0 for Adagrad / 0.1 for SparseAdam on sparse ones)")
@@ -131,10 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-checksum", action="store_true", help="store chunks without a crc32c checksum")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_storage_option(s)
 
     q = sub.add_parser("quality", help="measure how well one epoch of the reader is shuffled")
     q.add_argument("path")
-    q.add_argument("--window-blocks", type=_positive_int, default=1, help="blocks mixed together by the reader")
+    _add_window_options(q)
     q.add_argument("--batch-size", type=_positive_int, default=256)
     q.add_argument("--label", default=None, help="class field (default: label, else y); floats: --bins quantile classes")
     q.add_argument("--bins", type=_positive_int, default=10)
@@ -143,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--epoch", type=_nonneg_int, default=0)
     q.add_argument("--no-shuffle", action="store_true")
     q.add_argument("--json", action="store_true")
+    _add_storage_option(q)
 
     v = sub.add_parser("verify", help="check every block (presence, size, checksum); exit 1 on any fault")
     v.add_argument("path")
@@ -168,6 +171,12 @@ def _part(text: str) -> tuple[int, int]:
 def _add_storage_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="object-store option such as endpoint=URL, region=NAME (repeatable; PATH may be s3://...)")
+
+
+def _add_window_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--window-blocks", type=_positive_int, default=1, help="blocks mixed together by the reader")
+    parser.add_argument("--slice-mb", type=_finite_float, default=None,
+                        help="read slices of about this many MiB as the mixed units (sub-block mixing)")
 
 
 def _storage_options(args) -> dict:
@@ -286,7 +295,8 @@ def _read(args) -> int:
     from .urls import worker_start_method
 
     opts = _storage_options(args)
-    ds = ShardedDataset(args.path, args.batch_size, shuffle=not args.no_shuffle, seed=args.seed, prefetch=args.prefetch, storage_options=opts)
+    ds = ShardedDataset(args.path, args.batch_size, shuffle=not args.no_shuffle, seed=args.seed, prefetch=args.prefetch,
+                        window_blocks=args.window_blocks, slice_mb=args.slice_mb, storage_options=opts)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0,
         multiprocessing_context=worker_start_method(args.path) if args.workers else None,
@@ -372,7 +382,7 @@ def _shuffle(args) -> int:
     store = shuffle_store(
         args.src, args.dst, seed=args.seed, block_mb=args.block_mb, block_rows=args.block_rows, workers=args.workers,
         compression=args.compression, checksum=not args.no_checksum, overwrite=args.overwrite,
-        progress=False if args.quiet else None, tmp_dir=args.tmp_dir,
+        progress=False if args.quiet else None, tmp_dir=args.tmp_dir, storage_options=_storage_options(args),
     )
     if not args.quiet:
         lay, secs = store.layout, time.perf_counter() - start
@@ -386,14 +396,15 @@ def _quality(args) -> int:
 
     r = store_quality(
         args.path, args.batch_size, label=args.label, id_field=args.id_field, window_blocks=args.window_blocks,
-        seed=args.seed, epoch=args.epoch, bins=args.bins, shuffle=not args.no_shuffle,
+        slice_mb=args.slice_mb, seed=args.seed, epoch=args.epoch, bins=args.bins, shuffle=not args.no_shuffle,
+        storage_options=_storage_options(args),
     )
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
     got, ref = r["reader"], r["uniform"]
     print(f"{r['path']}: {r['rows']:,} rows in {r['blocks']} blocks of {r['block_rows']:,}; batch {r['batch_size']}, "
-          f"window {r['window_blocks']} blocks; label '{r['label']}' ({r['classes']} classes), epoch {r['epoch']}")
+          f"window {r['window_blocks']} blocks ({r['window_units']} units of {r['unit_rows']:,} rows); label '{r['label']}' ({r['classes']} classes), epoch {r['epoch']}")
     rows = [
         ("batch label TV", "batch_tv", "{:.4f}"), ("VIF of batch label proportions", "vif", "{:.2f}"),
         ("effective batch size b/VIF", "effective_batch", "{:.1f}"), ("drift TV (1% stretches)", "drift_tv", "{:.4f}"),

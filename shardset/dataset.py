@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing as mp
 import os
 import warnings
@@ -40,6 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import ArgumentError, CorruptBlockError
 from .format import MIB, check_int
+from .memory import DIRECT_ALIGN, aligned_buffer, direct_nbytes
 from .plan import EpochPlan, Piece, undelivered
 from .store import CRC_BYTES, BlockStore
 
@@ -47,6 +49,10 @@ __all__ = ["ShardedDataset"]
 
 Batch = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 GATHER_ROWS = 1 << 16
+# Reads in flight at most: whole blocks are long sequential reads; slices are a few
+# MiB at random offsets, which a disk serves fast only with many in flight (2 MiB
+# O_DIRECT reads on this project's disk: 0.13 GB/s one at a time, 0.52 at 16).
+IO_THREADS, SLICE_IO_THREADS = 4, 16
 
 
 class ShardedDataset(IterableDataset):
@@ -68,11 +74,20 @@ class ShardedDataset(IterableDataset):
             order (1: shuffle inside each block only).  See :mod:`shardset.plan`.
         window_mb: alternatively, the largest window that fits this many MiB of
             the fields read.
+        slice_mb: read slices of about this many MiB instead of whole blocks, and
+            make them the units that are visited in a Feistel order and mixed in
+            the window: a window of the same memory then mixes rows from many
+            more places of the store (sub-block mixing; needs a store with slice
+            checksums, see ``docs/format.md``).  ``prefetch`` still counts blocks.
         on_error: ``"raise"`` (default) stops at a block that fails its checks;
             ``"skip"`` warns and replaces its rows with those of the next readable
             block, so every rank still yields the same batches.
         allow_incomplete: stream only the complete blocks of a store that is
             still being written (the stream is fixed when the dataset is made).
+        direct: read whole blocks that are not in the page cache with ``O_DIRECT``
+            (no copy out of the cache, and nothing cached for later epochs);
+            ``"auto"`` does so when the fields read exceed half of the RAM, so a
+            set that fits stays cached between epochs.
         storage_options: for a URL (``s3://...``): endpoint, region, credentials.
     """
 
@@ -90,8 +105,10 @@ class ShardedDataset(IterableDataset):
         fields: Sequence[str] | None = None,
         window_blocks: int | None = None,
         window_mb: float | None = None,
+        slice_mb: float | None = None,
         on_error: str = "raise",
         allow_incomplete: bool = False,
+        direct: bool | str = "auto",
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -101,20 +118,25 @@ class ShardedDataset(IterableDataset):
         self.path = os.fspath(path)
         self.storage_options = dict(storage_options or {})
         store = BlockStore.open(self.path, storage_options=self.storage_options)
-        self.blocks: tuple[int, ...] | None = None
-        if allow_incomplete:
-            if store.missing_blocks():
-                self.blocks = tuple(sorted(store.complete_blocks()))
-        else:
+        if not allow_incomplete:
             store.require_complete()
         self.layout = store.layout
         self.fields = list(self.layout.fields) if fields is None else list(fields)
         unknown = [f for f in self.fields if f not in self.layout.fields]
         if unknown or not self.fields:
             raise ArgumentError(f"unknown fields {unknown}; the store has {list(self.layout.fields)}")
+        self.unit_rows = self._unit_rows(store, slice_mb)
+        self.blocks: tuple[int, ...] | None = None  # the plan's units to stream (None: all)
+        if allow_incomplete and store.missing_blocks():
+            self.blocks = self._units_of(store.complete_blocks())
         self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), int(seed)
-        self.drop_last, self.prefetch, self.on_error = bool(drop_last), prefetch, on_error
-        self.window_blocks = self._window(window_blocks, window_mb)
+        self.drop_last, self.on_error = bool(drop_last), on_error
+        per_block = self.layout.block_rows / (self.unit_rows or self.layout.block_rows)
+        self.prefetch = max(prefetch, round(prefetch * per_block))  # in the plan's units
+        self.window = self._window(window_blocks, window_mb, per_block)
+        if direct not in (True, False, "auto"):
+            raise ArgumentError(f"direct must be True, False or 'auto', got {direct!r}")
+        self.direct = direct if direct != "auto" else self.layout.rows * self._row_bytes > _ram_bytes() / 2
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         rows = self._plan_for(0, self.rank, self.world_size, self.batch_size, self.drop_last, None).stream_rows
         if rows < self.world_size:
@@ -145,15 +167,40 @@ class ShardedDataset(IterableDataset):
             self._shared[0], self._shared[1] = int(epoch), 0
         self._position, self._resume_at, self._remaining = None, 0, None
 
-    def _window(self, blocks: int | None, mb: float | None) -> int:
+    def _unit_rows(self, store: BlockStore, slice_mb: float | None) -> int | None:
+        """Rows of the plan's unit: ``None`` for whole blocks, else whole slices."""
+        if slice_mb is None:
+            return None
+        if not slice_mb > 0:
+            raise ArgumentError(f"slice_mb must be positive, got {slice_mb}")
+        store.require_slices()
+        sr = self.layout.slice_rows
+        unit = max(1, round(slice_mb * MIB / (sr * self._row_bytes))) * sr
+        return None if unit >= self.layout.block_rows else unit
+
+    def _units_of(self, blocks: set[int]) -> tuple[int, ...]:
+        """The plan's units whose rows all lie in ``blocks``."""
+        if self.unit_rows is None:
+            return tuple(sorted(blocks))
+        lay, ok = self.layout, np.zeros(self.layout.num_blocks, bool)
+        ok[list(blocks)] = True
+        starts = np.arange(0, lay.rows, self.unit_rows, dtype=np.int64)
+        ends = np.minimum(starts + self.unit_rows, lay.rows) - 1
+        return tuple(np.flatnonzero(ok[starts // lay.block_rows] & ok[ends // lay.block_rows]).tolist())
+
+    @property
+    def _row_bytes(self) -> int:
+        return sum(self.layout.fields[f].row_bytes for f in self.fields)
+
+    def _window(self, blocks: int | None, mb: float | None, per_block: float) -> int:
+        """The window in the plan's units (blocks, or slices with ``slice_mb``)."""
         if blocks is not None and mb is not None:
             raise ArgumentError("give window_blocks or window_mb, not both")
         if mb is None:
-            return 1 if blocks is None else check_int("window_blocks", blocks)
+            return 1 if blocks is None else max(1, round(check_int("window_blocks", blocks) * per_block))
         if not mb > 0:
             raise ArgumentError(f"window_mb must be positive, got {mb}")
-        block_bytes = self.layout.block_rows * sum(self.layout.fields[f].row_bytes for f in self.fields)
-        return max(1, int(mb * MIB) // block_bytes)
+        return max(1, int(mb * MIB) // ((self.unit_rows or self.layout.block_rows) * self._row_bytes))
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """This rank's :class:`EpochPlan` for ``epoch`` (default: the current one)."""
@@ -164,9 +211,9 @@ class ShardedDataset(IterableDataset):
     def _plan_for(self, epoch: int, rank: int, world_size: int, batch_size: int, drop_last: bool,
                   remaining: tuple[tuple[int, int], ...] | None) -> EpochPlan:
         return EpochPlan(
-            rows=self.layout.rows, block_rows=self.layout.block_rows, batch_size=batch_size, seed=self.seed,
-            epoch=epoch, shuffle=self.shuffle, drop_last=drop_last, rank=rank, world_size=world_size,
-            window_blocks=self.window_blocks, blocks=self.blocks, remaining=remaining,
+            rows=self.layout.rows, block_rows=self.unit_rows or self.layout.block_rows, batch_size=batch_size,
+            seed=self.seed, epoch=epoch, shuffle=self.shuffle, drop_last=drop_last, rank=rank,
+            world_size=world_size, window_blocks=self.window, blocks=self.blocks, remaining=remaining,
         )
 
     def __len__(self) -> int:
@@ -241,7 +288,7 @@ class ShardedDataset(IterableDataset):
         """What defines the epoch's stream (must match to continue it)."""
         return {
             "store": self.layout.fingerprint(), "seed": self.seed, "shuffle": self.shuffle, "rows": self.layout.rows,
-            "window_blocks": self.window_blocks,
+            "window": self.window, "unit_rows": self.unit_rows,
             "blocks": self.layout.num_blocks if self.blocks is None else len(self.blocks),
         }
 
@@ -270,10 +317,11 @@ class ShardedDataset(IterableDataset):
         store = self._open()
         # Taken while in use, so a second live iterator gets buffers of its own.
         buffers, self._buffers = self._buffers, None
-        if buffers is None or buffers.key != (tuple(self.fields), plan.window + self.prefetch):
+        if buffers is None or buffers.key != (tuple(self.fields), plan.window + self.prefetch, self.unit_rows):
             buffers = None  # free the old ones first
-            buffers = _Buffers(store, self.fields, plan.window + self.prefetch)
-        reader = _BlockReader(store, plan, self.fields, plan.pieces(first, last), self.prefetch, self.on_error, buffers)
+            buffers = _Buffers(store, self.fields, plan.window + self.prefetch, self.unit_rows)
+        reader = _BlockReader(store, plan, self.fields, plan.pieces(first, last), self.prefetch, self.on_error, buffers,
+                              self.unit_rows is not None, self.direct)
         try:
             yield from self._assemble(reader)
         finally:
@@ -353,11 +401,17 @@ class _Buffers:
     run committed before) to 2.37 (``benchmarks/results/read.json``).
     """
 
-    def __init__(self, store: BlockStore, fields: list[str], slots: int) -> None:
+    def __init__(self, store: BlockStore, fields: list[str], slots: int, unit_rows: int | None = None) -> None:
         layout = store.layout
-        self.key, self.slots = (tuple(fields), slots), slots
-        self.slot_rows = max(-(-(store.block_nbytes(f) + CRC_BYTES) // layout.fields[f].row_bytes) for f in fields)
-        self.raw = {f: np.empty(slots * self.slot_rows * layout.fields[f].row_bytes, np.uint8) for f in fields}
+        self.key, self.slots = (tuple(fields), slots, unit_rows), slots
+        row_bytes = [layout.fields[f].row_bytes for f in fields]
+        if unit_rows is None:  # room for a chunk file read with O_DIRECT, every slot of every field aligned for it
+            need = max(-(-direct_nbytes(store.block_nbytes(f) + CRC_BYTES) // rb) for f, rb in zip(fields, row_bytes))
+            step = math.lcm(*(DIRECT_ALIGN // math.gcd(DIRECT_ALIGN, rb) for rb in row_bytes))
+            self.slot_rows = -(-need // step) * step
+        else:
+            self.slot_rows = unit_rows
+        self.raw = {f: aligned_buffer(slots * self.slot_rows * rb) for f, rb in zip(fields, row_bytes)}
         self.rings = {f: self.raw[f].view(layout.fields[f].dtype).reshape(slots * self.slot_rows, *layout.fields[f].shape)
                       for f in fields}
         self.orders = [np.empty(self.slot_rows, np.int32) for _ in range(slots)]
@@ -387,24 +441,39 @@ class _BlockReader:
     """
 
     def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], pieces, prefetch: int,
-                 on_error: str, buffers: "_Buffers") -> None:
-        self.store, self.plan, self.fields, self.on_error = store, plan, fields, on_error
+                 on_error: str, buffers: "_Buffers", slices: bool = False, direct: bool = False) -> None:
+        self.store, self.plan, self.fields, self.on_error, self.slices = store, plan, fields, on_error, slices
+        self.direct = direct
         self.pieces: list[Piece] = list(pieces)
         self.window = plan.window
         self.buffers, self.rings, self.slot_rows = buffers, buffers.rings, buffers.slot_rows
         self.free = list(range(buffers.slots))[::-1]
-        self.io = ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="shardset-read")
-        self.cpu = ThreadPoolExecutor(1, thread_name_prefix="shardset-order")
+        self.io = ThreadPoolExecutor(min(max(1, prefetch), SLICE_IO_THREADS if slices else IO_THREADS),
+                                     thread_name_prefix="shardset-read")
+        # One intra-op thread for this thread's torch calls (a thread-local setting):
+        # randperm of over 32k rows otherwise wakes the intra-op pool, which cost
+        # 20 ms instead of 0.3 ms for 61k rows on a busy 2-core machine.
+        self.cpu = ThreadPoolExecutor(1, thread_name_prefix="shardset-order", initializer=torch.set_num_threads,
+                                      initargs=(1,))
         self.slot_of: dict[int, int] = {}  # visit index -> slot
         self.loads: dict[int, Future] = {}
-        self.orders: dict[int, Future] = {}  # block id -> its row order
+        # block id -> its row order / its first row in the rings.  The order is filled
+        # by a task on the single CPU thread, so every later task there sees it done.
+        self.orders: dict[int, np.ndarray] = {}
+        self.base: dict[int, int] = {}
+        self.order_error: BaseException | None = None
         self.indices: deque[Future] = deque()
         self.indexed = 0  # pieces whose gather index has been submitted
-        self.last_use: dict[int, int] = {}  # visit index -> last piece that needs it
-        for i, piece in enumerate(self.pieces):
-            for _, k, _, _ in plan.members(piece.stage):
-                self.last_use[k] = i
-        self.needed = deque(sorted(self.last_use))  # visit indices still to load, in order
+        # Every visit k feeds stages k .. k+W-1; it is needed if a piece is in one of
+        # them, until the last such piece (monotone in k, as the pieces' stages are).
+        stages = np.fromiter((p.stage for p in self.pieces), np.int64, len(self.pieces))
+        ks = np.arange(max(0, stages[0] - self.window + 1) if len(stages) else 0,
+                       min(stages[-1] + 1, plan.num_blocks) if len(stages) else 0)
+        last = np.searchsorted(stages, ks + self.window - 1, side="right") - 1
+        used = (last >= 0) & (stages[np.maximum(last, 0)] >= ks) if len(stages) else np.zeros(0, bool)
+        self.visits, self.last_use = ks[used].tolist(), last[used].tolist()  # in visit order
+        self.needed = deque(self.visits)  # visits still to load
+        self.waited = self.freed = 0  # visits waited for / retired, as counts into self.visits
 
     def _load(self, k: int, slot: int) -> None:
         block = self.plan.block_at(k)
@@ -415,11 +484,29 @@ class _BlockReader:
                 raise
             self._substitute(k, block, slot, err)
 
-    def _read(self, block: int, slot: int) -> None:
-        for f in self.fields:  # every field's whole chunk is requested before the first read waits
-            self.store.will_need(f, block)
+    def _read(self, unit: int, slot: int) -> None:
+        if not self.slices:
+            self._will_need(unit)  # every field's whole chunk is requested before the first read waits
+            for f in self.fields:
+                self.store.read_block(f, unit, self.buffers.slot(f, slot), direct=self.direct)
+            return
+        start = unit * self.plan.block_rows
         for f in self.fields:
-            self.store.read_block(f, block, self.buffers.slot(f, slot))
+            self.store.read_rows(f, start, start + self.plan.block_size(unit), self.buffers.slot(f, slot))
+
+    def _name(self, unit: int) -> str:
+        if not self.slices:
+            return f"block {unit}"
+        start = unit * self.plan.block_rows
+        return f"rows [{start}, {start + self.plan.block_size(unit)})"
+
+    def _will_need(self, unit: int) -> None:
+        """Hint the kernel to read block ``unit`` (slices have ``SLICE_IO_THREADS`` reads
+        in flight instead: a hint costs an open, as much as a slice's read; direct reads
+        bypass the cache a hint would fill)."""
+        if not self.slices and not self.direct:
+            for f in self.fields:
+                self.store.will_need(f, unit)
 
     def _substitute(self, k: int, block: int, slot: int, err: CorruptBlockError) -> None:
         """Fill ``slot`` with the next readable block of the visit order that has at
@@ -433,8 +520,8 @@ class _BlockReader:
                 self._read(other, slot)
             except CorruptBlockError:
                 continue
-            warnings.warn(f"skipping block {block}: {err}; its rows are replaced by those of block {other}",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(f"skipping {self._name(block)}: {err}; its rows are replaced by those of "
+                          f"{self._name(other)}", RuntimeWarning, stacklevel=2)
             return
         raise err
 
@@ -445,34 +532,45 @@ class _BlockReader:
             self.slot_of[k] = slot
             self.loads[k] = self.io.submit(self._load, k, slot)
             block = plan.block_at(k)
-            self.orders[block] = self.cpu.submit(plan.block_order, block, self.buffers.orders[slot])
+            self.orders[block], self.base[block] = self.buffers.orders[slot], slot * self.slot_rows
+            self.cpu.submit(self._order, block, self.buffers.orders[slot])
             for ahead in itertools.islice(self.needed, 2):  # the disk reads ahead of the buffers
-                for f in self.fields:
-                    self.store.will_need(f, plan.block_at(ahead))
+                self._will_need(plan.block_at(ahead))
         while self.indexed < len(self.pieces):
-            members = plan.members(self.pieces[self.indexed].stage)
-            if any(k not in self.slot_of for _, k, _, _ in members):
+            stage = self.pieces[self.indexed].stage
+            if plan.visits_of(stage)[-1] not in self.slot_of:  # slots go to visits in order
                 return
-            base = {b: self.slot_of[k] * self.slot_rows for b, k, _, _ in members}
-            orders = {b: self.orders[b] for b in base}
-            buf = self.buffers.index_buffer()
-            self.indices.append(self.cpu.submit(
-                plan.piece_index, self.pieces[self.indexed], base.__getitem__, lambda b, o=orders: o[b].result(), buf))
+            self.indices.append(self.cpu.submit(self._index, self.pieces[self.indexed], self.buffers.index_buffer()))
             self.indexed += 1
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        visits, last_use = self.visits, self.last_use
         for i, piece in enumerate(self.pieces):
             self._advance()
             index = self.indices.popleft().result()
-            members = self.plan.members(piece.stage)
-            for _, k, _, _ in members:
-                self.loads[k].result()
+            newest = self.plan.visits_of(piece.stage)[-1]
+            while self.waited < len(visits) and visits[self.waited] <= newest:
+                self.loads[visits[self.waited]].result()
+                self.waited += 1
             yield self.rings, index
             self.buffers.indices.append(index.base if index.base is not None else index)
-            for block, k, _, _ in members:
-                if self.last_use[k] == i:
-                    self.free.append(self.slot_of.pop(k))
-                    del self.loads[k], self.orders[block]
+            while self.freed < len(visits) and last_use[self.freed] <= i:  # retire what no later piece needs
+                k = visits[self.freed]
+                self.free.append(self.slot_of.pop(k))
+                block = self.plan.block_at(k)
+                del self.loads[k], self.orders[block], self.base[block]
+                self.freed += 1
+
+    def _order(self, block: int, out: np.ndarray) -> None:
+        try:
+            self.plan.block_order(block, out)
+        except BaseException as exc:  # raised by the next gather index, on the consumer's thread
+            self.order_error = exc
+
+    def _index(self, piece: Piece, out: np.ndarray) -> np.ndarray:
+        if self.order_error is not None:
+            raise self.order_error
+        return self.plan.piece_index(piece, self.base.__getitem__, self.orders.__getitem__, out)
 
     def close(self) -> None:
         self.io.shutdown(wait=True, cancel_futures=True)
@@ -517,6 +615,13 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ArgumentError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return int(rank), int(world_size)
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume plenty
+        return 1 << 62
 
 
 def _quiet_worker() -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "Layout",
     "block_rows_for",
     "check_int",
+    "slice_rows_for",
     "ranges_to_blocks",
     "blocks_to_ranges",
 ]
@@ -43,6 +44,9 @@ ATTRS_KEY = "shardset"
 DEFAULT_BLOCK_MB = 128
 MIN_BLOCK_MB, MAX_BLOCK_MB = 64, 256
 MIB = 1 << 20
+# Checksummed slices per block: fine enough that a 4 MiB read of a 128 MiB block
+# wastes little on slice edges, coarse enough that the table is 4 KiB a field.
+SLICES_PER_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -88,17 +92,37 @@ def block_rows_for(fields: Mapping[str, FieldSpec], block_mb: float = DEFAULT_BL
     row_bytes = sum(f.row_bytes for f in fields.values())
     if row_bytes <= 0:
         raise ArgumentError("fields must have at least one byte per row")
-    return max(1, int(block_mb * MIB) // row_bytes)
+    rows = max(1, int(block_mb * MIB) // row_bytes)
+    if rows >= 16 * SLICES_PER_BLOCK:  # a whole number of slices, losing under 1/16 of the block
+        rows -= rows % SLICES_PER_BLOCK
+    return rows
+
+
+def slice_rows_for(block_rows: int) -> int:
+    """Rows per checksummed slice: the smallest divisor of ``block_rows`` that cuts a
+    block into at most ``SLICES_PER_BLOCK`` slices (slices never straddle blocks).
+
+    >>> slice_rows_for(1024 * 1926), slice_rows_for(1700)
+    (1926, 2)
+    """
+    least = -(-block_rows // SLICES_PER_BLOCK)
+    return next(d for d in range(least, block_rows + 1) if block_rows % d == 0)
 
 
 @dataclass
 class Layout:
-    """Block geometry and field specs of a store, plus free-form generator metadata."""
+    """Block geometry and field specs of a store, plus free-form generator metadata.
+
+    ``slice_rows``: rows per slice with its own crc32c in the ``slice_checksums``
+    array (uncompressed stores written by this version; ``None`` when there is none),
+    which lets a reader check a part of a block without reading all of it.
+    """
 
     rows: int
     block_rows: int
     fields: dict[str, FieldSpec]
     generator: dict[str, Any] = field(default_factory=dict)
+    slice_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.rows < 0:
@@ -107,6 +131,8 @@ class Layout:
             raise ArgumentError(f"block_rows must be a positive integer, got {self.block_rows}")
         if not self.fields:
             raise ArgumentError("a store needs at least one field")
+        if self.slice_rows is not None and (self.slice_rows < 1 or self.block_rows % self.slice_rows):
+            raise StoreFormatError(f"slice_rows {self.slice_rows} does not divide block_rows {self.block_rows}")
 
     @property
     def num_blocks(self) -> int:
@@ -131,17 +157,23 @@ class Layout:
         start, stop = self.block_range(block)
         return stop - start
 
+    @property
+    def slices_per_block(self) -> int:
+        return 0 if self.slice_rows is None else self.block_rows // self.slice_rows
+
     def same_shape(self, other: "Layout") -> bool:
         return (self.rows, self.block_rows, self.fields) == (other.rows, other.block_rows, other.fields)
 
     def to_attrs(self, complete_blocks: Iterable[int] = ()) -> dict[str, Any]:
         done = sorted(set(complete_blocks))
+        slices = {} if self.slice_rows is None else {"slice_rows": self.slice_rows}
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "rows": self.rows,
             "block_rows": self.block_rows,
             "num_blocks": self.num_blocks,
+            **slices,
             "fields": {k: v.to_json() for k, v in self.fields.items()},
             "generator": self.generator,
             "complete_blocks": blocks_to_ranges(done),
@@ -169,6 +201,7 @@ class Layout:
                 block_rows=int(meta["block_rows"]),
                 fields={k: FieldSpec.from_json(v) for k, v in meta["fields"].items()},
                 generator=dict(meta.get("generator") or {}),
+                slice_rows=None if meta.get("slice_rows") is None else int(meta["slice_rows"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreFormatError(f"{where} has malformed shardset attributes: {exc}") from None

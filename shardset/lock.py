@@ -12,8 +12,16 @@ refusal says which file to delete once that writer is known to be gone.
 Every read-modify-write of the lock file happens under ``flock`` on it, and
 :meth:`WriterLock.mutex` offers the same ``flock`` to cooperating writers for
 their own short critical sections (creating the store, merging completion
-records), so two part writers never lose each other's updates.  Object-store
-URLs take no lock, and ``part`` needs a local store.
+records), so two part writers never lose each other's updates.
+
+An object store (``s3://``, ``gs://``, ``az://``) has no ``flock``: there the
+lock is the object ``<store>.lock`` beside the store, holding the same owner
+record, and it is taken with a conditional PUT that fails when the object
+exists (:class:`RemoteLock`), so of two writers exactly one gets it.  A stale
+owner (same tests as above) is replaced with a PUT conditional on the ETag the
+stale record was read with, so two writers that both find it stale cannot both
+take it over.  ``part`` needs a local store; ``memory://`` stores (one process)
+take no lock.
 
 Example:
     >>> import tempfile, os
@@ -36,13 +44,14 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from .errors import ArgumentError, StoreAccessError, StoreFormatError, StoreLockedError
-from .urls import parse_url
+from .urls import StoreURL, open_store, parse_url, remote_errors
 
 __all__ = [
-    "WriterLock", "Owner", "writer_lock", "locked", "held", "metadata_mutex", "sole_writer", "check_part", "LOCK_SUFFIX",
+    "WriterLock", "RemoteLock", "Owner", "writer_lock", "locked", "held", "metadata_mutex", "sole_writer", "check_part",
+    "LOCK_SUFFIX",
 ]
 
 LOCK_SUFFIX = ".lock"
@@ -223,27 +232,124 @@ class WriterLock:
         return cls(f"cannot {verb} {self.store}: {exc.strerror or exc} ({self.path})")
 
 
-def _read(fd: int) -> list[Owner]:
-    data = os.pread(fd, 1 << 20, 0)
+class RemoteLock:
+    """The writer lock of an object-store ``store``: the object ``<store>.lock`` beside it
+    (``shardset.lock`` for a store at a bucket's root).
+
+    Same owner record and stale-owner tests as :class:`WriterLock`, one owner at a
+    time (no parts).  ``storage_options`` are the store's.
+    """
+
+    part = None
+
+    def __init__(self, store: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> None:
+        url = parse_url(store)
+        parent, _, name = url.prefix.rpartition("/")
+        self.store = str(url)
+        self.url = f"{url}{LOCK_SUFFIX}" if url.prefix else f"{url}/shardset{LOCK_SUFFIX}"
+        self.key = f"{name or 'shardset'}{LOCK_SUFFIX}"
+        self.objects = open_store(StoreURL(url.scheme, url.bucket, parent), storage_options).store
+        self.owner: Owner | None = None
+
+    def __enter__(self) -> "RemoteLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Create the lock object, replace a stale one, or raise :class:`StoreLockedError`."""
+        import obstore as obs
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        me = Owner.me(None)
+        body = _encode([me])
+        with remote_errors(self.store, "locking"):
+            for _ in range(8):  # each pass loses only to another writer that changed the lock meanwhile
+                try:
+                    obs.put(self.objects, self.key, body, mode="create")
+                    self.owner = me
+                    return
+                except AlreadyExistsError:
+                    pass
+                try:
+                    got = obs.get(self.objects, self.key)
+                except FileNotFoundError:  # released meanwhile
+                    continue
+                live = [o for o in _decode(bytes(got.bytes())) if not o.is_stale()]
+                if live:
+                    raise StoreLockedError(
+                        f"{self.store} is being written by {live[0].describe()}; wait for it to finish, "
+                        f"or delete {self.url} if that process is gone"
+                    )
+                try:  # stale: take it over, unless another writer did first
+                    obs.put(self.objects, self.key, body, mode={"e_tag": got.meta["e_tag"]})
+                    self.owner = me
+                    return
+                except (PreconditionError, AlreadyExistsError):
+                    continue
+        raise StoreLockedError(f"{self.store}: other writers keep changing its lock {self.url}; try again")
+
+    def release(self) -> None:
+        """Delete the lock object if it still names this process."""
+        import obstore as obs
+
+        if self.owner is None:
+            return
+        with remote_errors(self.store, "unlocking"):
+            if self.owner in self.owners():
+                obs.delete(self.objects, self.key)
+        self.owner = None
+
+    def owners(self) -> list[Owner]:
+        """Everyone recorded in the lock object now (stale owners included)."""
+        import obstore as obs
+
+        with remote_errors(self.store, "reading the lock of"):
+            try:
+                return _decode(bytes(obs.get(self.objects, self.key).bytes()))
+            except FileNotFoundError:
+                return []
+
+    @contextlib.contextmanager
+    def mutex(self) -> Iterator[None]:
+        """Nothing to do: the lock admits one writer, so nobody else updates the metadata."""
+        yield
+
+
+def _decode(data: bytes) -> list[Owner]:
     try:
         return [Owner.from_json(d) for d in json.loads(data)["owners"]] if data.strip() else []
-    except (ValueError, KeyError, TypeError):  # torn by a power cut: nobody is mid-update, as we hold the flock
+    except (ValueError, KeyError, TypeError):  # a file torn by a power cut (a PUT is atomic) names nobody
         return []
 
 
+def _encode(owners: list[Owner]) -> bytes:
+    return json.dumps({"owners": [asdict(o) for o in owners]}, indent=1).encode()
+
+
+def _read(fd: int) -> list[Owner]:
+    return _decode(os.pread(fd, 1 << 20, 0))
+
+
 def _write(fd: int, owners: list[Owner]) -> None:
-    data = json.dumps({"owners": [asdict(o) for o in owners]}, indent=1).encode()
+    data = _encode(owners)
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
     os.fsync(fd)
 
 
 @contextlib.contextmanager
-def writer_lock(store: str | os.PathLike, part: Part | None = None) -> Iterator[WriterLock | None]:
-    """Hold the writer lock of ``store`` (re-entrant within a thread); ``None`` for URLs."""
-    if not parse_url(store).is_local:
-        if part is not None:
-            raise ArgumentError("part= needs a local store: cooperating writers coordinate through a lock file")
+def writer_lock(
+    store: str | os.PathLike, part: Part | None = None, storage_options: Mapping[str, Any] | None = None
+) -> Iterator[WriterLock | RemoteLock | None]:
+    """Hold the writer lock of ``store`` (re-entrant within a thread): a :class:`WriterLock`
+    for a local store, a :class:`RemoteLock` for an object store, ``None`` for ``memory://``."""
+    url = parse_url(store)
+    if not url.is_local and part is not None:
+        raise ArgumentError("part= needs a local store: cooperating writers coordinate through a lock file")
+    if not url.shared:
         yield None
         return
     key = _key(store)
@@ -257,12 +363,14 @@ def writer_lock(store: str | os.PathLike, part: Part | None = None) -> Iterator[
         finally:
             _held[key] = (lock, _held[key][1] - 1)
         return
-    lock = WriterLock(store, part)
-    parent = os.path.dirname(lock.local)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise lock._os_error(exc) from None
+    if url.is_local:
+        lock = WriterLock(store, part)
+        try:
+            os.makedirs(os.path.dirname(lock.local), exist_ok=True)
+        except OSError as exc:
+            raise lock._os_error(exc) from None
+    else:
+        lock = RemoteLock(store, storage_options)
     lock.acquire()
     _held[key] = (lock, 1)
     try:
@@ -281,10 +389,10 @@ def _local(store: str | os.PathLike) -> str:
 
 
 def _key(store: str | os.PathLike) -> tuple[str, int]:
-    return _local(store) if parse_url(store).is_local else os.fspath(store), threading.get_ident()
+    return _local(store) if parse_url(store).is_local else str(parse_url(store)), threading.get_ident()
 
 
-def held(store: str | os.PathLike) -> WriterLock | None:
+def held(store: str | os.PathLike) -> WriterLock | RemoteLock | None:
     """The writer lock this thread holds on ``store``, if any."""
     entry = _held.get(_key(store))
     return entry[0] if entry else None
@@ -292,7 +400,7 @@ def held(store: str | os.PathLike) -> WriterLock | None:
 
 @contextlib.contextmanager
 def metadata_mutex(store: str | os.PathLike) -> Iterator[None]:
-    """The held lock's :meth:`WriterLock.mutex`; nothing when no lock is held (URLs)."""
+    """The held lock's :meth:`WriterLock.mutex`; nothing when no lock is held or it is a :class:`RemoteLock`."""
     lock = held(store)
     if lock is None:
         yield
@@ -311,11 +419,11 @@ F = TypeVar("F", bound=Callable)
 
 
 def locked(fn: F) -> F:
-    """Run ``fn(path, ..., part=None)`` holding :func:`writer_lock` on ``path``."""
+    """Run ``fn(path, ..., part=None, storage_options=None)`` holding :func:`writer_lock` on ``path``."""
 
     @functools.wraps(fn)
     def wrapper(path, *args, **kwargs):
-        with writer_lock(path, kwargs.get("part")):
+        with writer_lock(path, kwargs.get("part"), kwargs.get("storage_options")):
             return fn(path, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -10,8 +10,8 @@ With a shuffle window of ``W`` blocks the stream is cut into *stages*: visited
 block ``k`` splits its permuted rows into ``W`` near-equal parts and hands part
 ``s`` to stage ``k + s``, so stage ``t`` mixes one part of each of the ``W``
 blocks ``t - W + 1 .. t``.  The parts are interleaved in proportion to their
-sizes (round-robin when they are within one row of each other, else by the
-keys ``(i + 1/2) / n_j``), so every batch draws on all ``W`` blocks evenly: each
+sizes (round-robin when they are within one row of each other; the short last
+block's part is spread evenly through the others), so every batch draws on all ``W`` blocks evenly: each
 part is already a uniformly random sample of its block in random order, so no
 second permutation of the stage is needed.  A block is needed for ``W``
 consecutive stages and then retired, so a reader holds ``W`` blocks and still
@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Iterator, Sequence
@@ -145,7 +146,7 @@ class EpochPlan:
 
     # -- the visit order --------------------------------------------------------------
 
-    @property
+    @cached_property
     def window(self) -> int:
         """The effective window: 1 without shuffling, never more than the blocks."""
         return 1 if not self.shuffle else max(1, min(self.window_blocks, self.num_blocks))
@@ -181,15 +182,25 @@ class EpochPlan:
             return -1, 0
         return (v if self._order is None else int(self._order.inverse(v))), deficit
 
-    def _visit_size(self, k: int) -> int:
+    @cached_property
+    def _visit_sizes(self) -> np.ndarray:
+        """Rows of each visited block, in visit order."""
+        sizes = np.full(self.num_blocks, self.block_rows, np.int64)
         ks, deficit = self._short
-        return self.block_rows - (deficit if k == ks else 0)
+        if ks >= 0:
+            sizes[ks] -= deficit
+        return sizes
 
     # -- stages -----------------------------------------------------------------------
 
     @property
     def num_stages(self) -> int:
         return self.num_blocks + self.window - 1 if self.num_blocks else 0
+
+    @cached_property
+    def _cuts(self) -> list[int]:
+        """``_cuts[j]`` = rows of a full block in its parts before parts ``0 .. j-1``, summed."""
+        return [0, *itertools.accumulate(self._cut(self.block_rows, s) for s in range(self.window))]
 
     def _cut(self, n: int, s: int) -> int:
         """Rows of an ``n``-row block in its parts before part ``s``."""
@@ -199,7 +210,8 @@ class EpochPlan:
         """Stream position where stage ``t`` starts (``t = num_stages`` gives the total)."""
         w, m, b = self.window, self.num_blocks, self.block_rows
         total = min(max(t - w + 1, 0), m) * b  # blocks whose every part is before stage t
-        total += sum(self._cut(b, t - k) for k in range(max(0, t - w + 1), min(t, m - 1) + 1))
+        if t > 0:  # the parts before stage t of the blocks k = t-w+1 .. t: parts t - k
+            total += self._cuts[min(t, w - 1) + 1] - self._cuts[max(0, t - m + 1)]
         ks, deficit = self._short
         if ks >= 0:
             c = min(max(t - ks, 0), w)
@@ -219,14 +231,18 @@ class EpochPlan:
             lo += 1
         return lo
 
+    def visits_of(self, t: int) -> range:
+        """Visit indices of the blocks feeding stage ``t``."""
+        return range(max(0, t - self.window + 1), min(t, self.num_blocks - 1) + 1)
+
     def members(self, t: int) -> list[tuple[int, int, int, int]]:
         """``(block, visit index, lo, hi)`` for each block feeding stage ``t``: its
         rows at positions ``[lo, hi)`` of the block's own order, in visit order."""
-        out = []
-        for k in range(max(0, t - self.window + 1), min(t, self.num_blocks - 1) + 1):
-            n = self._visit_size(k)
-            out.append((self.block_at(k), k, self._cut(n, t - k), self._cut(n, t - k + 1)))
-        return out
+        ks = self.visits_of(t)
+        k = np.arange(ks.start, ks.stop)
+        n = self._visit_sizes[ks.start : ks.stop]
+        lo, hi = (t - k) * n // self.window, (t - k + 1) * n // self.window  # _cut, for every block at once
+        return list(zip(self._visits[ks.start : ks.stop].tolist(), k.tolist(), lo.tolist(), hi.tolist()))
 
     def pieces(self, first: int, last: int) -> Iterator[Piece]:
         """The stage pieces, in stream order, that batches ``[first, last)`` of this rank need."""
@@ -255,17 +271,6 @@ class EpochPlan:
         torch.randperm(n, generator=gen, out=torch.from_numpy(out))
         return out
 
-    @staticmethod
-    def stage_merge(sizes: Sequence[int]) -> np.ndarray:
-        """The order that merges parts of ``sizes`` rows (concatenated) in proportion:
-        stage position ``p`` holds concatenated row ``order[p]``.
-
-        Part ``j``'s ``i``-th row sorts by ``(i + 1/2) / n_j``, ties in part order, so
-        parts of equal size interleave round-robin.
-        """
-        keys = np.concatenate([(np.arange(n) + 0.5) / n for n in sizes])
-        return np.argsort(keys, kind="stable")  # a merge of sorted runs
-
     def piece_index(
         self,
         piece: Piece,
@@ -287,19 +292,29 @@ class EpochPlan:
             block, _, lo, _ = members[0]
             np.add(order(block)[lo + piece.start : lo + piece.stop], base(block), out=out, casting="unsafe")
             return out
-        sizes = [hi - lo for _, _, lo, hi in members]
-        m = min(sizes)
-        if max(sizes) - m <= 1:  # round-robin over m rows a part, then the few left over, in part order
-            stage = np.empty(sum(sizes), np.int64)
-            rounds = stage[: m * len(members)].reshape(m, len(members))
-            for j, (block, _, lo, _) in enumerate(members):
-                np.add(order(block)[lo : lo + m], base(block), out=rounds[:, j], casting="unsafe")
-            stage[m * len(members) :] = [order(b)[lo + m] + base(b) for b, _, lo, hi in members if hi - lo > m]
-        else:  # the short last block, or too few rows for even parts
-            stage = np.concatenate([order(b)[lo:hi].astype(np.int64) + base(b) for b, _, lo, hi in members])
-            stage = stage[self.stage_merge(sizes)]
+        stage = _interleave([order(b)[lo:hi] + np.int64(base(b)) for b, _, lo, hi in members])
         out[:] = stage[piece.start : piece.stop]
         return out
+
+
+def _interleave(parts: list[np.ndarray]) -> np.ndarray:
+    """Merge ``parts`` in proportion to their sizes, each keeping its order.
+
+    Parts within one row of each other go round-robin (then the few rows left
+    over, in part order); a smaller part (the short last block's) is spread evenly
+    through the merge of the others, its ``i``-th row before position
+    ``(i + 1/2) * n / s`` of theirs.
+    """
+    sizes = [len(p) for p in parts]
+    m = min(sizes)
+    if max(sizes) - m <= 1:
+        stage = np.empty(sum(sizes), np.int64)
+        np.stack([p[:m] for p in parts], axis=1, out=stage[: m * len(parts)].reshape(m, len(parts)))
+        stage[m * len(parts) :] = [p[m] for p in parts if len(p) > m]
+        return stage
+    j = sizes.index(m)
+    rest = _interleave(parts[:j] + parts[j + 1 :])
+    return np.insert(rest, ((np.arange(m) + 0.5) * len(rest) / m).astype(np.int64), parts[j])
 
 
 def undelivered(plans: Sequence[tuple["EpochPlan", int, int, int]]) -> tuple[tuple[int, int], ...]:

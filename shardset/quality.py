@@ -281,10 +281,12 @@ def store_quality(
     label: str | None = None,
     id_field: str | None = None,
     window_blocks: int = 1,
+    slice_mb: float | None = None,
     seed: int = 0,
     epoch: int = 0,
     bins: int = 10,
     shuffle: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure the order one epoch of ``ShardedDataset(path, ...)`` delivers.
 
@@ -292,12 +294,15 @@ def store_quality(
     else ``"y"``); a floating-point field is cut into ``bins`` quantile classes.
     ``id_field`` (optional) numbers the rows in their original order and enables
     the displacement metrics.  Holds the label (and id) column in memory.
+    ``window_blocks`` and ``slice_mb`` configure the reader as in ``ShardedDataset``
+    (with slices, rho and the formula's W are those of the slices).
+    ``path`` may be a URL (``s3://bucket/prefix``) with ``storage_options``.
     Returns ``{"reader", "uniform", "rho", "predicted_vif", ...}``.
     """
     from .dataset import ShardedDataset
     from .store import BlockStore
 
-    store = BlockStore.open(path)
+    store = BlockStore.open(path, storage_options=storage_options)
     fields = store.layout.fields
     label = label or ("label" if "label" in fields else "y")
     for name in (label, id_field):
@@ -310,19 +315,22 @@ def store_quality(
     if stored.dtype.kind == "f":
         stored, edges = quantile_labels(stored, bins)
     fields_read = [label] + ([id_field] if id_field else [])
-    ds = ShardedDataset(path, batch_size, seed=seed, shuffle=shuffle, fields=fields_read, window_blocks=window_blocks)
+    ds = ShardedDataset(path, batch_size, seed=seed, shuffle=shuffle, fields=fields_read, window_blocks=window_blocks,
+                        slice_mb=slice_mb, storage_options=storage_options)
     ds.set_epoch(epoch)
     got = delivered(ds)
     labels = got[label].reshape(-1)
     labels = quantile_labels(labels, edges=edges)[0] if edges is not None else labels.astype(np.int64)
     ids = got[id_field].reshape(-1) if id_field else None
     classes = _classes(stored, None)
-    rho = within_block_correlation(stored, store.layout.block_rows, classes)
+    unit_rows = ds.unit_rows or store.layout.block_rows
+    rho = within_block_correlation(stored, unit_rows, classes)
     return {
         "path": str(path), "rows": store.layout.rows, "block_rows": store.layout.block_rows,
         "blocks": store.layout.num_blocks, "batch_size": batch_size, "window_blocks": window_blocks,
+        "unit_rows": unit_rows, "window_units": ds.plan(epoch).window,
         "seed": seed, "epoch": epoch, "label": label, "id_field": id_field, "classes": classes,
-        "rho": rho, "predicted_vif": predicted_vif(rho, batch_size, window_blocks),
+        "rho": rho, "predicted_vif": predicted_vif(rho, batch_size, ds.plan(epoch).window),
         "reader": order_quality(labels, batch_size, ids=ids, classes=classes).as_dict(),
         "uniform": uniform_quality(labels, batch_size, ids=ids, seed=seed, classes=classes).as_dict(),
     }

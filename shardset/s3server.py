@@ -6,6 +6,10 @@ starts it on a free port, creates a bucket, yields the endpoint URL and stops
 the server on exit.  Pass the endpoint as ``storage_options={"endpoint": ...}``
 or put it in ``AWS_ENDPOINT_URL``; any access key works.
 
+:func:`pin_server` and :func:`pin_threads` restrict the server and a client
+to separate cores, so that a benchmark models a remote server: the client's own
+work then overlaps the transfer instead of taking CPU from the server.
+
 Example:
     >>> import shardset
     >>> with local_s3_server("demo") as endpoint:
@@ -28,9 +32,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-__all__ = ["local_s3_server"]
+__all__ = ["local_s3_server", "pin_server", "pin_threads"]
+
+_SERVERS: dict[str, subprocess.Popen] = {}  # endpoint -> its running moto_server
 
 
 @contextlib.contextmanager
@@ -47,9 +53,11 @@ def local_s3_server(bucket: str, *, timeout: float = 60.0, log: str | os.PathLik
             endpoint = f"http://127.0.0.1:{port}"
             try:
                 if _make_bucket(proc, endpoint, bucket, timeout):
+                    _SERVERS[endpoint] = proc
                     yield endpoint
                     return
             finally:
+                _SERVERS.pop(endpoint, None)
                 proc.terminate()
                 try:
                     proc.wait(timeout=10)
@@ -57,6 +65,28 @@ def local_s3_server(bucket: str, *, timeout: float = 60.0, log: str | os.PathLik
                     proc.kill()
                     proc.wait()
     raise RuntimeError(f"moto_server did not start within {timeout:.0f} s")
+
+
+def pin_server(endpoint: str, cpus: Iterable[int] | None) -> None:
+    """Run the server of :func:`local_s3_server` at ``endpoint`` on ``cpus`` only (``None``: on every core)."""
+    pin_threads(_SERVERS[endpoint].pid, cpus)
+
+
+def pin_threads(pid: int, cpus: Iterable[int] | None) -> None:
+    """Restrict every thread of process ``pid`` (0: this one) to ``cpus`` (``None``: every
+    core); threads it starts later inherit the setting.
+
+    >>> before = os.sched_getaffinity(0)
+    >>> pin_threads(0, [min(before)]); os.sched_getaffinity(0) == {min(before)}
+    True
+    >>> pin_threads(0, before); os.sched_getaffinity(0) == before
+    True
+    """
+    pid = pid or os.getpid()
+    cpus = set(range(os.cpu_count() or 1)) if cpus is None else set(cpus)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cpus)
 
 
 def _free_port() -> int:
@@ -72,6 +102,8 @@ def _make_bucket(proc: subprocess.Popen, endpoint: str, bucket: str, timeout: fl
         try:
             urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"), timeout=5)
             return True
+        except urllib.error.HTTPError as exc:  # the server answered: the bucket name is refused
+            raise RuntimeError(f"moto_server refused to create bucket {bucket!r}: HTTP {exc.code}") from None
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.1)
     return False

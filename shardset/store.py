@@ -3,9 +3,10 @@
 zarr-python validates and describes the arrays; the bytes of a block move on a
 fast path when the store is a local directory and the codec chain is the
 default (little-endian bytes, optionally followed by a crc32c checksum): the
-chunk file is read with one ``readinto`` into a reused buffer and its checksum
-verified in place, and a block is written with one ``writev`` + ``fsync`` +
-rename.  On object stores (``s3://``, ... see :mod:`shardset.urls`) a block's
+chunk file is read with one ``readinto`` into a reused buffer (or, asked for
+with ``direct=True`` and not in the page cache, one ``O_DIRECT`` read) and its
+checksum verified in place, and a block is written with one ``writev`` +
+``fsync`` + rename.  On object stores (``s3://``, ... see :mod:`shardset.urls`) a block's
 chunk is fetched with concurrent ranged GETs of :attr:`BlockStore.read_part_bytes`
 straight into the buffer and verified the same way; a put of one object is
 atomic, so no temporary object is needed.  Any other codec chain goes through
@@ -28,6 +29,9 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
+import functools
 import os
 import shutil
 import uuid
@@ -51,13 +55,16 @@ from .errors import (
     StoreFormatError,
     StoreNotFoundError,
 )
-from .format import ATTRS_KEY, FieldSpec, Layout, ranges_to_blocks
-from .urls import open_store, parse_url, store_exists
+from .format import ATTRS_KEY, FieldSpec, Layout, ranges_to_blocks, slice_rows_for
+from .memory import DIRECT_ALIGN, aligned_buffer, direct_nbytes, is_aligned
+from .urls import open_store, parse_url, remote_errors, store_exists
 
 __all__ = ["BlockStore", "COMPRESSIONS", "compressors_for"]
 
 COMPRESSIONS = ("lz4", "zstd")
 CRC_BYTES = 4
+SLICE_TABLE = "slice_checksums"  # (block, field, slice) -> crc32c of the slice's bytes in the chunk
+TABLE_CACHE_BLOCKS = 4096  # slice tables kept in memory (4 KiB a field each at 1024 slices)
 
 
 def compressors_for(compression: str | None, checksum: bool) -> list[Any]:
@@ -114,6 +121,16 @@ class BlockStore:
         store = group.store
         self.local_root: Path | None = Path(store.root) if isinstance(store, LocalStore) else None
         self._raw = {name: self._raw_chain(arr) for name, arr in self.arrays.items()}
+        self.slice_table: zarr.Array | None = None
+        if layout.slice_rows is not None:
+            table = group.get(SLICE_TABLE)
+            want = (layout.num_blocks, len(layout.fields), layout.slices_per_block)
+            if not isinstance(table, zarr.Array) or tuple(table.shape) != want or tuple(table.chunks) != (1, *want[1:]):
+                raise StoreFormatError(f"{where}: the '{SLICE_TABLE}' array is missing or not {want} in blocks")
+            self.slice_table = table
+        # block -> its slice checksums, for the blocks used last (lock-free under the GIL:
+        # a reader has up to 16 I/O threads asking)
+        self.slice_checksums = functools.lru_cache(maxsize=TABLE_CACHE_BLOCKS)(self._slice_checksums)
 
     # -- opening and creating ------------------------------------------------------
 
@@ -125,7 +142,8 @@ class BlockStore:
         where = str(path)
         target = open_store(path, storage_options, read_only=mode == "r")
         try:
-            group = zarr.open_group(target, mode=mode)
+            with remote_errors(where, "opening"):
+                group = zarr.open_group(target, mode=mode)
         except PermissionError as exc:
             raise StoreAccessError(f"cannot read {where}: {exc.strerror or exc}") from None
         except (FileNotFoundError, FileExistsError, NotADirectoryError, zarr.errors.GroupNotFoundError,
@@ -134,9 +152,10 @@ class BlockStore:
             raise kind(f"{where} is not a shardset store (no Zarr group there)") from None
         except zarr.errors.ContainsArrayError:
             raise StoreFormatError(f"{where} is a Zarr array, not a shardset store (a group)") from None
-        if ATTRS_KEY in group.attrs:
-            return cls(group, Layout.from_attrs(group.attrs, where), where, storage_options=storage_options)
-        return cls(group, _infer_layout(group, where), where, foreign=True, storage_options=storage_options)
+        with remote_errors(where, "opening"):  # the arrays' metadata is read here
+            if ATTRS_KEY in group.attrs:
+                return cls(group, Layout.from_attrs(group.attrs, where), where, storage_options=storage_options)
+            return cls(group, _infer_layout(group, where), where, foreign=True, storage_options=storage_options)
 
     @classmethod
     def create(
@@ -152,6 +171,9 @@ class BlockStore:
         """Create an empty store (no block complete yet) for ``layout`` at a path or URL."""
         where = str(path)
         compressors = compressors_for(compression, checksum)
+        # Slice checksums let a reader verify part of a block; a compressed chunk
+        # cannot be read in parts anyway.
+        layout.slice_rows = slice_rows_for(layout.block_rows) if checksum and compression is None else None
         local = parse_url(path).local_path
         if local is not None and os.path.exists(local) and not os.path.isdir(local):
             raise StoreFormatError(f"{where} is a file, not a store; remove it or choose another path")
@@ -176,6 +198,13 @@ class BlockStore:
                 serializer=BytesCodec(endian="little") if dtype.itemsize > 1 else BytesCodec(endian=None),
                 compressors=compressors,
                 fill_value=_fill_value(dtype),
+                config={"write_empty_chunks": True},
+            )
+        if layout.slice_rows is not None:
+            group.create_array(
+                SLICE_TABLE, shape=(layout.num_blocks, len(layout.fields), layout.slices_per_block),
+                chunks=(1, len(layout.fields), layout.slices_per_block), dtype=np.uint32,
+                serializer=BytesCodec(endian="little"), compressors=[Crc32cCodec()], fill_value=0,
                 config={"write_empty_chunks": True},
             )
         bs = cls(group, layout, where, storage_options=storage_options)
@@ -251,20 +280,30 @@ class BlockStore:
         return self.layout.block_rows * self.layout.fields[name].row_bytes
 
     def new_buffer(self, name: str) -> np.ndarray:
-        """A reusable buffer for :meth:`read_block` (room for the checksum trailer)."""
-        return np.empty(self.block_nbytes(name) + CRC_BYTES, dtype=np.uint8)
+        """A reusable buffer for :meth:`read_block` (room for the checksum trailer,
+        aligned and sized for ``direct=True``)."""
+        return aligned_buffer(direct_nbytes(self.block_nbytes(name) + CRC_BYTES))
 
-    def read_block(self, name: str, block: int, buffer: np.ndarray | None = None) -> np.ndarray:
+    def read_block(self, name: str, block: int, buffer: np.ndarray | None = None, *,
+                   direct: bool = False) -> np.ndarray:
         """The valid rows of ``block`` of field ``name``, verified.
 
         With ``buffer`` (from :meth:`new_buffer`) the result is a view into it and the
         fast path copies nothing beyond the read itself.
+
+        ``direct``: read a local chunk that is not in the page cache with
+        ``O_DIRECT`` (no copy out of the cache, and the disk gets the whole chunk as
+        one deep request).  It needs a ``buffer`` from :meth:`new_buffer` (or from
+        :func:`shardset.memory.aligned_buffer` with room for
+        :func:`shardset.memory.direct_nbytes` of the chunk file).  Otherwise (a
+        cached chunk, a buffer that does not qualify, a file system without direct
+        I/O such as tmpfs) it reads the ordinary way.  Errors are the same either way.
         """
         start, stop = self.layout.block_range(block)
         spec = self.layout.fields[name]
         path = self.chunk_path(name, block)
         if path is not None and self._raw[name] is not None:
-            raw = self._read_raw(name, block, path, buffer)
+            raw = self._read_raw(name, block, path, buffer, direct)
         elif self._raw[name] is not None:
             raw = self._read_remote(name, block, buffer)
         else:
@@ -277,17 +316,48 @@ class BlockStore:
             raise ArgumentError(f"block needs fields {sorted(self.layout.fields)}, got {sorted(arrays)}")
         start, stop = self.layout.block_range(block)
         for name, data in arrays.items():
-            spec = self.layout.fields[name]
-            want = (stop - start, *spec.shape)
+            want = (stop - start, *self.layout.fields[name].shape)
             if tuple(data.shape) != want:
                 raise ArgumentError(f"block {block} of '{name}' must have shape {want}, got {tuple(data.shape)}")
+        chunks = {}
+        for name, data in arrays.items():
             path = self.chunk_path(name, block)
             if path is not None and self._raw[name] is not None:
-                self._write_raw(name, block, path, data)
+                chunks[name] = self._chunk_data(name, data)
+                self._write_file(path, chunks[name], self._raw[name])
             else:
                 self.arrays[name][start:stop] = data
                 if path is not None:
                     _fsync_file(path)
+        if self.slice_table is not None:
+            self._write_slice_table(block, {n: chunks[n] if n in chunks else self._chunk_data(n, a) for n, a in arrays.items()})
+
+    def require_slices(self) -> None:
+        """Raise :class:`StoreFormatError` unless parts of blocks can be read and verified."""
+        if self.slice_table is None or None in self._raw.values():
+            raise StoreFormatError(f"{self.where} has no slice checksums (it is compressed, or was written by an "
+                                   "older shardset): read whole blocks, or rewrite it with `shardset shuffle`")
+
+    def read_rows(self, name: str, start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of field ``name`` (they may span blocks), reading only
+        the checksummed slices that hold them and verifying each.
+
+        Needs a store with slice checksums (``layout.slice_rows``).  ``buffer``: at
+        least ``(stop - start) * row_bytes`` bytes to read into; the result views it.
+        """
+        lay, spec = self.layout, self.layout.fields[name]
+        self.require_slices()
+        if not 0 <= start <= stop <= lay.rows:
+            raise ArgumentError(f"rows [{start}, {stop}) are outside [0, {lay.rows})")
+        rb = spec.row_bytes
+        out = np.empty((stop - start) * rb, np.uint8) if buffer is None else buffer[: (stop - start) * rb]
+        pos = start
+        while pos < stop:
+            block, first = divmod(pos, lay.block_rows)
+            end = min(stop, (block + 1) * lay.block_rows)
+            self._read_slices(name, block, first, first + end - pos, out[(pos - start) * rb : (end - start) * rb])
+            pos = end
+        return out.view(spec.dtype).reshape(stop - start, *spec.shape)
 
     def remove_partials(self) -> int:
         """Delete temporary ``*.partial`` files a killed writer left; returns how many."""
@@ -346,12 +416,16 @@ class BlockStore:
                 raise CorruptBlockError(f"{self._describe(name, block)} fails its crc32c checksum")
         return data
 
-    def _read_raw(self, name: str, block: int, path: Path, buffer: np.ndarray | None) -> np.ndarray:
+    def _read_raw(self, name: str, block: int, path: Path, buffer: np.ndarray | None,
+                  direct: bool = False) -> np.ndarray:
         buffer, want = self._raw_buffer(name, buffer)
         try:
             with open(path, "rb", buffering=0) as f:
-                got = f.readinto(memoryview(buffer)[:want])
-                extra = len(f.read(1))
+                got = _read_direct(f.fileno(), buffer, want) if direct else None
+                extra = 0
+                if got is None:
+                    got = f.readinto(memoryview(buffer)[:want])
+                    extra = len(f.read(1))
         except FileNotFoundError:
             raise CorruptBlockError(f"{self._describe(name, block)} is missing") from None
         except OSError as exc:  # EIO from a bad sector, a directory in its place, ...
@@ -364,43 +438,22 @@ class BlockStore:
     def _read_remote(self, name: str, block: int, buffer: np.ndarray | None) -> np.ndarray:
         """Fetch a chunk from an object store in concurrent ranged GETs, straight into ``buffer``.
 
-        Each part is copied into place as it arrives (the event loop never holds the
-        whole block twice).  The last range asks for one byte more than the chunk, so
-        an object that is too long is caught as surely as one that is too short.
+        Each range is copied into place as it arrives (the event loop never holds
+        the whole block twice); that copy and the CRC-32C are all the CPU the client
+        adds to a plain GET.  Every response states the object's size, so an object
+        too long or too short is caught before its bytes are used.
         """
         buffer, want = self._raw_buffer(name, buffer)
-        store, key = self.group.store, self.chunk_key(name, block)
-        proto = default_buffer_prototype()
-        step = max(1, int(self.read_part_bytes))
-        starts = range(0, want, step)
-
-        async def fetch(start: int) -> int | None:
-            stop = min(start + step, want)
-            got = await store.get(key, proto, RangeByteRequest(start, stop + (stop == want)))
-            if got is None:
-                return None
-            part = got.as_numpy_array()
-            n = min(len(part), stop - start)
-            buffer[start : start + n] = part[:n]
-            return len(part) - (stop - start)  # 0 when exact, < 0 short, 1 for a long object
-
-        async def fetch_all() -> list:
-            return await asyncio.gather(*(fetch(a) for a in starts), return_exceptions=True)
-
-        results = sync(fetch_all())
-        if any(r is None for r in results):
+        key = self.chunk_key(name, block)
+        with remote_errors(self.where, f"reading {self._describe(name, block)} from"):
+            sizes = sync(_fetch_ranges(self.group.store.store, key, buffer, want, self.read_part_bytes))
+        if None in sizes:
             raise CorruptBlockError(f"{self._describe(name, block)} is missing")
-        if any(r != 0 for r in results):  # a short or long object, or a range past its end
-            try:
-                size = sync(store.getsize(key))
-            except FileNotFoundError:
-                raise CorruptBlockError(f"{self._describe(name, block)} is missing") from None
-            if size != want:
-                raise CorruptBlockError(f"{self._describe(name, block)} has {size} bytes, expected {want}")
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
+        wrong = [n for n in sizes if n != want]
+        if wrong and wrong[0] < 0:
             raise CorruptBlockError(f"{self._describe(name, block)} changed while it was being read")
+        if wrong:
+            raise CorruptBlockError(f"{self._describe(name, block)} has {wrong[0]} bytes, expected {want}")
         return self._verified(name, block, buffer, want)
 
     def _read_zarr(self, name: str, block: int, start: int, stop: int, buffer: np.ndarray | None) -> np.ndarray:
@@ -416,7 +469,8 @@ class BlockStore:
         flat[: data.size] = data.reshape(-1)
         return out
 
-    def _write_raw(self, name: str, block: int, path: Path, data: np.ndarray) -> None:
+    def _chunk_data(self, name: str, data: np.ndarray) -> np.ndarray:
+        """``data`` as its chunk holds it: little-endian, C order, padded to a whole block."""
         spec = self.layout.fields[name]
         dtype = np.dtype(spec.dtype).newbyteorder("<")
         full = (self.layout.block_rows, *spec.shape)
@@ -424,9 +478,13 @@ class BlockStore:
             padded = np.full(full, _fill_value(dtype), dtype=dtype)
             padded[: data.shape[0]] = data
             data = padded
-        data = np.ascontiguousarray(data, dtype=dtype)
+        return np.ascontiguousarray(data, dtype=dtype)
+
+    @staticmethod
+    def _write_file(path: Path, data: np.ndarray, checksum: bool) -> None:
+        """Write a chunk file (``data``'s bytes and its crc32c) atomically and durably."""
         parts = [memoryview(data).cast("B")]
-        if self._raw[name]:
+        if checksum:
             parts.append(crc32c.crc32c(parts[0]).to_bytes(CRC_BYTES, "little"))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
@@ -443,10 +501,129 @@ class BlockStore:
         _fsync_dir(path.parent)
         _fsync_dir(path.parent.parent)
 
+    # -- slice checksums --------------------------------------------------------------
+
+    def _slice_table_path(self, block: int) -> Path | None:
+        if self.local_root is None:
+            return None
+        return self.local_root / SLICE_TABLE / self.slice_table.metadata.encode_chunk_key((block, 0, 0))
+
+    def _write_slice_table(self, block: int, chunks: Mapping[str, np.ndarray]) -> None:
+        lay = self.layout
+        table = np.empty((1, len(lay.fields), lay.slices_per_block), np.uint32)
+        for i, name in enumerate(lay.fields):
+            raw = memoryview(chunks[name]).cast("B")
+            step = lay.slice_rows * lay.fields[name].row_bytes
+            table[0, i] = [crc32c.crc32c(raw[a : a + step]) for a in range(0, len(raw), step)]
+        path = self._slice_table_path(block)
+        if path is not None:
+            self._write_file(path, table, True)
+        else:
+            self.slice_table[block : block + 1] = table
+        self.slice_checksums.cache_clear()
+
+    def _slice_checksums(self, block: int) -> np.ndarray:
+        """The ``(field, slice)`` crc32c table of ``block`` (``slice_checksums`` caches it)."""
+        if not sync(self.group.store.exists(f"{SLICE_TABLE}/{self.slice_table.metadata.encode_chunk_key((block, 0, 0))}")):
+            raise CorruptBlockError(f"the slice checksums of block {block} are missing ({self.where}/{SLICE_TABLE})")
+        try:
+            table = self.slice_table[block]
+        except Exception as exc:  # zarr raises plain errors for bad checksums
+            raise CorruptBlockError(f"the slice checksums of block {block} cannot be read: {exc}") from None
+        return table
+
+    def _read_slices(self, name: str, block: int, first: int, last: int, dest: np.ndarray) -> None:
+        """Rows ``[first, last)`` of ``block`` into ``dest``: read the slices that hold
+        them (straight into ``dest`` when the rows are whole slices) and check each."""
+        lay = self.layout
+        rb, sr = lay.fields[name].row_bytes, lay.slice_rows
+        s0, s1 = first // sr, -(-last // sr)
+        lead = (first - s0 * sr) * rb
+        aligned = lead == 0 and last == s1 * sr
+        raw = dest if aligned else np.empty((s1 - s0) * sr * rb, np.uint8)
+        self._read_range(name, block, s0 * sr * rb, raw)
+        expected = self.slice_checksums(block)[list(lay.fields).index(name)]
+        step = sr * rb
+        for i in range(s1 - s0):
+            if crc32c.crc32c(raw[i * step : (i + 1) * step]) != expected[s0 + i]:
+                raise CorruptBlockError(f"{self._describe(name, block)} fails the crc32c of its slice {s0 + i}")
+        if not aligned:
+            dest[:] = raw[lead : lead + len(dest)]
+
+    def _read_range(self, name: str, block: int, offset: int, dest: np.ndarray) -> None:
+        """Fill ``dest`` with the chunk's bytes from ``offset`` (one ranged read)."""
+        path = self.chunk_path(name, block)
+        if path is None:
+            got = sync(self.group.store.get(self.chunk_key(name, block), default_buffer_prototype(),
+                                            RangeByteRequest(offset, offset + len(dest))))
+            if got is None:
+                raise CorruptBlockError(f"{self._describe(name, block)} is missing")
+            part = got.as_numpy_array()
+            if len(part) != len(dest):
+                raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
+            dest[:] = part
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptBlockError(f"{self._describe(name, block)} is missing") from None
+        except OSError as exc:
+            raise CorruptBlockError(f"{self._describe(name, block)} cannot be read: {exc.strerror or exc}") from None
+        try:
+            if hasattr(os, "posix_fadvise"):  # no readahead past the range: the next read is elsewhere
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            done = 0
+            while done < len(dest):
+                n = os.preadv(fd, [memoryview(dest)[done:]], offset + done)
+                if n == 0:
+                    raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
+                done += n
+        except OSError as exc:
+            raise CorruptBlockError(f"{self._describe(name, block)} cannot be read: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
     def _sync_metadata(self) -> None:
         if self.local_root is not None:
             _fsync_file(self.local_root / "zarr.json")
             _fsync_dir(self.local_root)
+
+
+async def _fetch_ranges(store: Any, key: str, buffer: np.ndarray, want: int, part: int) -> list[int | None]:
+    """GET ``key`` (an object of ``want`` bytes) into ``buffer`` as concurrent ranges of
+    ``part`` bytes.  Per range: the object's size, ``None`` when it is missing, -1 when
+    the bytes did not fill the range."""
+    import obstore as obs
+
+    async def fetch(start: int) -> int | None:
+        stop = min(start + part, want)
+        try:
+            resp = await obs.get_async(store, key, options={"range": (start, stop)})
+        except FileNotFoundError:
+            return None
+        size = resp.meta["size"]
+        if size != want:
+            return size
+        got = await resp.bytes_async()  # obstore's whole-body path: streaming it in pieces costs more CPU
+        if len(got) != stop - start:
+            return -1
+        buffer[start:stop] = np.frombuffer(got, np.uint8)
+        return size
+
+    # every range has finished (none writes into the buffer any more) before this returns or raises
+    results = await asyncio.gather(*(fetch(a) for a in range(0, want, max(1, int(part)))), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if not errors:
+        return results
+    try:  # a range past the end of a short object fails: report the object's size instead
+        size = (await obs.head_async(store, key))["size"]
+    except FileNotFoundError:
+        return [None]
+    except Exception:
+        raise errors[0] from None
+    if size != want:
+        return [size]
+    raise errors[0]
 
 
 def _infer_layout(group: zarr.Group, where: str) -> Layout:
@@ -463,6 +640,56 @@ def _infer_layout(group: zarr.Group, where: str) -> Layout:
             raise StoreFormatError(f"{where}: array '{name}' is chunked along more than rows")
     fields = {name: FieldSpec(a.dtype.name, tuple(a.shape[1:])) for name, a in arrays.items()}
     return Layout(rows=rows.pop(), block_rows=block_rows.pop(), fields=fields)
+
+
+def _read_direct(fd: int, buffer: np.ndarray, want: int) -> int | None:
+    """Read the chunk file open on ``fd`` (``want`` bytes expected) into ``buffer`` with
+    ``O_DIRECT``; returns the bytes read (or the file's size, when that is not
+    ``want``), or None where the ordinary read should be used instead: the file is in
+    the page cache (a copy from RAM beats reading the disk again), ``buffer`` is not
+    aligned or is too small for the rounded-up length, or the file system refuses
+    direct I/O.  Errors of the read itself propagate as from the ordinary read.
+    """
+    size = direct_nbytes(want)
+    if not hasattr(os, "O_DIRECT") or buffer.nbytes < size or not is_aligned(buffer) or _page_cached(fd, want):
+        return None
+    actual = os.fstat(fd).st_size
+    if actual != want:
+        return actual
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError:
+        return None  # EINVAL: no direct I/O on this file system
+    view, got = memoryview(buffer)[:size], 0
+    try:
+        while got < size:
+            step = os.preadv(fd, [view[got:]], got)
+            got += step
+            if step == 0 or got % DIRECT_ALIGN:  # end of file
+                break
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or got:
+            raise
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        return None  # the file system wants another alignment
+    return got
+
+
+def _page_cached(fd: int, size: int) -> bool:
+    """Whether the first, middle and last byte of the file on ``fd`` are in the page
+    cache, probed with ``RWF_NOWAIT`` reads (which fail rather than wait for the
+    disk).  True where the probe is not supported, so the caller keeps its ordinary
+    read."""
+    probe = bytearray(1)
+    for offset in sorted({0, size // 2, max(0, size - 1)}):
+        try:
+            os.preadv(fd, [probe], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except (OSError, AttributeError):  # no RWF_NOWAIT on this file system or platform
+            return True
+    return True
 
 
 def _writev_all(fd: int, parts: list) -> None:

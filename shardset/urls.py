@@ -14,7 +14,9 @@ Object stores are zarr's :class:`zarr.storage.ObjectStore` over an obstore
 store (chosen over s3fs by measurement, see ``docs/scaling.md``).
 ``storage_options`` are obstore's configuration keys (``endpoint``, ``region``,
 ``access_key_id``, ``secret_access_key``, ``session_token``, ...) and client
-options (``allow_http``, ``timeout``, ...), as strings or values.  Anything not
+options (``allow_http``, ``timeout``, ...), as strings or values, and
+``max_retries`` / ``retry_timeout`` (seconds) for obstore's retries of failed
+requests (default 10 retries within 180 s).  Anything not
 given comes from the usual environment (``AWS_ACCESS_KEY_ID``, ``AWS_REGION``,
 ``AWS_ENDPOINT_URL``, ...), then from the AWS profile files
 (``~/.aws/config`` and ``~/.aws/credentials``, ``AWS_PROFILE``).  An ``http://``
@@ -25,6 +27,11 @@ process forked after its parent used an object store hangs on its first
 request, even with a new store.  :func:`open_store` therefore refuses to run in
 such a child, with an error that says to start workers with ``spawn`` or
 ``forkserver``.
+
+A request that fails for good (connection refused, timed out, a server error
+after the retries) raises :class:`~shardset.errors.StoreIOError`, a refused
+one :class:`~shardset.errors.StoreAccessError`, each one line naming the store
+and the cause (:func:`remote_error`), never obstore's own exception.
 
 Example:
     >>> parse_url("s3://bucket/data/reg.zarr")
@@ -38,14 +45,19 @@ Example:
 from __future__ import annotations
 
 import configparser
+import contextlib
+import datetime
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
-from .errors import StoreURLError
+from .errors import StoreAccessError, StoreIOError, StoreURLError
 
-__all__ = ["StoreURL", "parse_url", "open_store", "parse_storage_options", "store_exists", "worker_start_method"]
+__all__ = [
+    "StoreURL", "parse_url", "open_store", "parse_storage_options", "store_exists", "worker_start_method",
+    "remote_error", "remote_errors",
+]
 
 REMOTE_SCHEMES = ("s3", "gs", "az")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
@@ -57,6 +69,7 @@ _CLIENT_OPTIONS = frozenset(
     "pool_idle_timeout pool_max_idle_per_host proxy_url proxy_ca_certificate proxy_excludes "
     "root_certificate randomize_addresses read_timeout timeout user_agent".split()
 )
+_RETRY_OPTIONS = ("max_retries", "retry_timeout")
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
 _MEMORY: dict[str, Any] = {}  # memory://name -> obstore MemoryStore, for this process only
 _RUNTIME_PID: int | None = None  # the process whose obstore runtime may be running
@@ -154,12 +167,14 @@ def open_store(
     if url.scheme == "s3":
         options = {**_aws_profile_defaults(options), **options}
     client = {k: options.pop(k) for k in list(options) if k in _CLIENT_OPTIONS}
+    retry = _retry_config({k: options.pop(k) for k in _RETRY_OPTIONS if k in options})
     endpoints = [v for k, v in options.items() if "endpoint" in k] + [os.environ.get(k, "") for k in _ENDPOINT_ENV]
     if any(str(e).startswith("http://") for e in endpoints):
         client.setdefault("allow_http", True)
     cls = {"s3": S3Store, "gs": GCSStore, "az": AzureStore}[url.scheme]
     try:
-        store = cls(url.bucket, prefix=url.prefix or None, config=options or None, client_options=client or None)
+        store = cls(url.bucket, prefix=url.prefix or None, config=options or None, client_options=client or None,
+                    retry_config=retry)
     except Exception as exc:  # obstore raises its own types for unknown keys and bad values
         raise StoreURLError(f"cannot open {url}: {' '.join(str(exc).split('Debug source')[0].split())}") from None
     return ObjectStore(store, read_only=read_only)
@@ -172,7 +187,54 @@ def store_exists(location: str | os.PathLike | StoreURL, storage_options: Mappin
         return os.path.exists(url.local_path)
     from zarr.core.sync import sync
 
-    return bool(sync(open_store(url, storage_options, read_only=True).exists("zarr.json")))
+    store = open_store(url, storage_options, read_only=True)
+    with remote_errors(url, "reading"):
+        return bool(sync(store.exists("zarr.json")))
+
+
+@contextlib.contextmanager
+def remote_errors(where: str | StoreURL, doing: str) -> Iterator[None]:
+    """Raise obstore's failures inside the block as :func:`remote_error` gives them."""
+    try:
+        yield
+    except Exception as exc:
+        mapped = remote_error(exc, where, doing)
+        if mapped is exc:
+            raise
+        raise mapped from None
+
+
+def remote_error(exc: BaseException, where: str | StoreURL, doing: str) -> BaseException:
+    """The typed, one-line error for an object-store failure ``exc`` while ``doing``
+    something to ``where``; ``exc`` itself when it is not obstore's.
+
+    Refused credentials give :class:`StoreAccessError`; anything else obstore
+    gives up on (connection refused, timed out, server errors after the retries)
+    :class:`StoreIOError`, with ``errno`` when the system gave one.
+
+    >>> remote_error(KeyError("k"), "s3://b/x", "reading")
+    KeyError('k')
+    """
+    try:
+        from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
+    except ImportError:
+        return exc
+    if not isinstance(exc, BaseError):
+        return exc
+    text = str(exc)
+    summary = " ".join(text.split("Debug source")[0].split())
+    if isinstance(exc, (PermissionDeniedError, UnauthenticatedError)):
+        return StoreAccessError(f"{doing} {where} was refused: {summary}")
+    os_error = re.search(r'code: (\d+),\s*kind: \w+,\s*message: "([^"]+)"', text)
+    if os_error:
+        cause = os_error.group(2).lower()
+    elif re.search(r"kind: Timeout|TimedOut|timed out", text):
+        cause = "timed out"
+    else:
+        cause = "the request failed"
+    err = StoreIOError(f"{doing} {where} failed: {cause} ({summary})")
+    err.errno = int(os_error.group(1)) if os_error else None
+    return err
 
 
 def worker_start_method(location: str | os.PathLike) -> str | None:
@@ -197,6 +259,28 @@ def _check_not_forked(url: StoreURL) -> None:
             "hangs after fork); start worker processes with 'spawn' or 'forkserver', e.g. "
             "DataLoader(..., multiprocessing_context='forkserver')"
         )
+
+
+def _retry_config(options: Mapping[str, Any]) -> dict[str, Any] | None:
+    """obstore's ``retry_config`` from the ``max_retries`` / ``retry_timeout`` (seconds) options."""
+    if not options:
+        return None
+    try:
+        config: dict[str, Any] = {}
+        if "max_retries" in options:
+            config["max_retries"] = int(options["max_retries"])
+            if config["max_retries"] < 0:
+                raise ValueError
+        if "retry_timeout" in options:
+            seconds = float(options["retry_timeout"])
+            if not 0 < seconds < float("inf"):
+                raise ValueError
+            config["retry_timeout"] = datetime.timedelta(seconds=seconds)
+    except (TypeError, ValueError):
+        raise StoreURLError(
+            f"max_retries must be an integer >= 0 and retry_timeout a number of seconds > 0, got {dict(options)}"
+        ) from None
+    return config
 
 
 def _aws_profile_defaults(options: Mapping[str, Any]) -> dict[str, str]:

@@ -124,7 +124,7 @@ def verify(
     generator; faults are reported, not raised.
     """
     start = time.perf_counter()
-    with writer_lock(path) if repair else contextlib.nullcontext():
+    with writer_lock(path, storage_options=storage_options) if repair else contextlib.nullcontext():
         store = BlockStore.open(path, storage_options=storage_options)
         make = regression_blocks(store) if deep or repair else None  # refuse early, before any work
         lay, done = store.layout, store.complete_blocks()

@@ -61,7 +61,7 @@ def matches(frame, event, arg):
     if point == "chunk-written":   # the chunk's bytes are in its .partial file, not yet fsynced
         return event == "c_return" and arg is os.writev
     if point == "chunk-rename":    # fsynced .partial, not yet renamed over the chunk
-        return event == "c_call" and arg is os.replace and frame.f_code.co_name == "_write_raw"
+        return event == "c_call" and arg is os.replace and frame.f_code.co_name == "_write_file"
     if point == "attrs-written":   # zarr.json's temporary file written, not renamed
         return event == "c_call" and arg is os.replace and caller(frame, 1) == "_atomic_write"
     if point == "attrs-fsync":     # zarr.json renamed, not yet fsynced

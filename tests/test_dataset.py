@@ -639,3 +639,21 @@ def test_damaged_chunk_only_hits_the_rank_that_reads_it(make_id_store):
         list(ShardedDataset(path, BS, seed=1, rank=0, world_size=2))
     other = list(ShardedDataset(path, BS, seed=1, rank=1, world_size=2))
     assert first not in set((stream_ids(other) // 97).tolist())
+
+
+def test_direct_reads_give_the_same_stream(make_id_store):
+    """``direct=True`` reads uncached chunks with O_DIRECT (or falls back where the file
+    system has none): the stream is the same, with workers too."""
+    import os
+
+    path = make_id_store(N, 97)
+    ref = list(ShardedDataset(path, BS, seed=3, direct=False))
+    for chunk in Path(path).rglob("c/*/*"):
+        fd = os.open(chunk, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # uncached: the direct path
+        os.close(fd)
+    assert same_batches(list(ShardedDataset(path, BS, seed=3, direct=True)), ref)
+    workers = load(ShardedDataset(path, BS, seed=3, direct=True), 2)  # the same batches, interleaved
+    assert sorted(map(batch_key, workers)) == sorted(map(batch_key, ref))
+    with pytest.raises(ValueError, match="direct"):
+        ShardedDataset(path, BS, direct="yes")

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import threading
 import uuid
 
 import numpy as np
+import obstore
 import pytest
 import torch
 from zarr.core.buffer import default_buffer_prototype
@@ -20,7 +24,8 @@ from zarr.core.sync import sync
 import shardset
 from shardset import BlockStore, ShardedDataset
 from shardset.cli import main
-from shardset.errors import CorruptBlockError, StoreURLError
+from shardset.errors import CorruptBlockError, StoreIOError, StoreLockedError, StoreURLError
+from shardset.lock import RemoteLock, writer_lock
 from shardset.s3server import local_s3_server
 from shardset.urls import StoreURL, parse_storage_options, parse_url
 from shardset.writer import layout_for, write_blocks
@@ -253,3 +258,132 @@ def test_memory_store_round_trips_in_process():
     store = shardset.generate_regression(url, rows=1000, features=2, block_rows=300, workers=2, progress=False)
     assert store.missing_blocks() == []
     assert len(list(ShardedDataset(url, 100))) == 10
+
+
+# -- network failures ------------------------------------------------------------------
+
+FAST_FAIL = {"max_retries": "0", "access_key_id": "k", "secret_access_key": "s", "region": "us-east-1"}
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def test_unreachable_endpoint_is_a_typed_one_line_error(capsys):
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    url = f"s3://{BUCKET}/x.zarr"
+    with pytest.raises(StoreIOError, match=r"opening s3://shardset-test/x.zarr failed: connection refused") as exc:
+        BlockStore.open(url, storage_options={**FAST_FAIL, "endpoint": endpoint})
+    assert exc.value.errno == 111
+    opts = [f"--storage-option={k}={v}" for k, v in {**FAST_FAIL, "endpoint": endpoint}.items()]
+    for argv in (["info", url], ["generate", url, "--rows", "10", "--features", "1", "--quiet"],
+                 ["shuffle", url, url + "2", "--quiet"], ["quality", url]):
+        assert main([*argv, *opts]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "connection refused" in err[0], err
+
+
+def test_unanswered_requests_time_out_as_a_typed_error():
+    with socket.socket() as silent:  # accepts connections (the kernel does) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        opts = {**FAST_FAIL, "endpoint": f"http://127.0.0.1:{silent.getsockname()[1]}", "timeout": "300ms"}
+        with pytest.raises(StoreIOError, match="failed: timed out"):
+            BlockStore.open(f"s3://{BUCKET}/x.zarr", storage_options=opts)
+
+
+def test_block_reads_from_a_stopped_server_are_a_typed_error(tmp_path):
+    with local_s3_server("going-away", log=tmp_path / "moto.log") as endpoint:
+        opts = {**FAST_FAIL, "endpoint": endpoint}
+        url = "s3://going-away/ids.zarr"
+        shardset.write(url, id_arrays(300), block_rows=100, progress=False, storage_options=opts)
+        store = BlockStore.open(url, storage_options=opts)
+        assert store.read_block("y", 1).tolist() == list(range(100, 200))
+    with pytest.raises(StoreIOError, match=r"reading block 2 of field 'y' .* failed: connection refused"):
+        store.read_block("y", 2)
+
+
+def test_retry_options_are_checked():
+    with pytest.raises(StoreURLError, match="max_retries must be an integer"):
+        BlockStore.open("s3://b/x.zarr", storage_options={"max_retries": "-1"})
+
+
+# -- shuffle and quality through s3:// ----------------------------------------------------
+
+
+def test_cli_shuffle_and_quality_through_s3(s3_server, s3_url, tmp_path, capsys):
+    opts = ["--storage-option", f"endpoint={s3_server}"]
+    local = str(tmp_path / "ids.zarr")
+    shardset.write(local, id_arrays(400), block_rows=64, progress=False)
+    shardset.write(s3_url, id_arrays(400), block_rows=64, progress=False)
+    dst = s3_url.replace("data.zarr", "shuffled.zarr")
+    common = ["--seed", "4", "--workers", "1", "--quiet"]
+    assert main(["shuffle", s3_url, dst, *common, *opts, "--tmp-dir", str(tmp_path / "buckets")]) == 0
+    assert main(["shuffle", local, str(tmp_path / "shuffled.zarr"), *common]) == 0
+    _same_blocks(BlockStore.open(dst), BlockStore.open(tmp_path / "shuffled.zarr"))  # the same bytes as locally
+    assert not (tmp_path / "buckets").exists() or not any((tmp_path / "buckets").iterdir())
+    assert main(["shuffle", local, dst.replace("shuffled", "from-local"), *common, *opts]) == 0  # a local SRC
+
+    capsys.readouterr()
+    assert main(["quality", dst, "--batch-size", "50", "--id-field", "y", "--json", *opts]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert main(["quality", str(tmp_path / "shuffled.zarr"), "--batch-size", "50", "--id-field", "y", "--json"]) == 0
+    here = json.loads(capsys.readouterr().out)
+    assert remote["path"] == dst and remote["rows"] == 400
+    assert {k: v for k, v in remote.items() if k != "path"} == {k: v for k, v in here.items() if k != "path"}
+
+
+def test_shuffle_refuses_storage_options_for_local_stores(tmp_path):
+    with pytest.raises(StoreURLError, match="apply to object stores"):
+        shardset.shuffle_store(tmp_path / "a.zarr", tmp_path / "b.zarr", storage_options={"region": "x"})
+
+
+# -- one writer per object-store store --------------------------------------------------
+
+
+def _in_thread(fn):
+    """``fn()``'s result or exception, run on another thread (another writer of this process)."""
+    out = {}
+
+    def run():
+        try:
+            out["result"] = fn()
+        except Exception as exc:  # handed to the test
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out
+
+
+def test_second_writer_of_an_s3_store_is_refused(s3_url, capsys):
+    lock_url = s3_url + ".lock"
+    with writer_lock(s3_url) as lock:
+        assert isinstance(lock, RemoteLock) and [o.pid for o in lock.owners()] == [os.getpid()]
+        got = _in_thread(lambda: shardset.generate_regression(s3_url, rows=100, features=2, workers=1, progress=False))
+        assert isinstance(got["error"], StoreLockedError)
+        assert f"is being written by process {os.getpid()}" in str(got["error"]) and lock_url in str(got["error"])
+        code = _in_thread(lambda: main(["generate", s3_url, "--rows", "100", "--features", "2", "--quiet"]))
+        assert code["result"] == 2 and "is being written by process" in capsys.readouterr().err
+    assert RemoteLock(s3_url).owners() == []  # released
+    store = shardset.generate_regression(s3_url, rows=100, features=2, workers=1, progress=False)
+    assert store.missing_blocks() == [] and RemoteLock(s3_url).owners() == []
+
+
+def _plant_lock(url: str, owner: dict) -> None:
+    lock = RemoteLock(url)
+    obstore.put(lock.objects, lock.key, json.dumps({"owners": [owner]}).encode())
+
+
+def test_stale_s3_lock_is_taken_over_and_a_foreign_one_is_not(s3_url):
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid of this host that no longer runs
+    _plant_lock(s3_url, {"pid": dead.pid, "host": socket.gethostname(), "boot": "", "start": None, "since": 0.0})
+    shardset.write(s3_url, id_arrays(100), block_rows=50, progress=False)  # stale: taken over, then released
+    assert RemoteLock(s3_url).owners() == []
+    _plant_lock(s3_url, {"pid": 1, "host": "elsewhere", "boot": "", "start": None, "since": 0.0})
+    with pytest.raises(StoreLockedError, match=r"process 1 on elsewhere .* delete s3://.*data\.zarr\.lock"):
+        shardset.write(s3_url, id_arrays(100), block_rows=50, progress=False, overwrite=True)

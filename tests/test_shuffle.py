@@ -126,6 +126,13 @@ def test_an_interrupted_gather_reuses_the_finished_scatter(tmp_path):
         write_shuffled(dst, ref.layout, chunks_then_an_obstacle(), seed=2, tmp_dir=buckets, progress=False)
     assert (buckets / "dst.zarr.shuffle-tmp" / "scattered.json").exists() and BlockStore.open(dst).missing_blocks()
     Path(BlockStore.open(dst).chunk_path("X", 0)).rmdir()
+    bucket = buckets / "dst.zarr.shuffle-tmp" / "3.0.pos"
+    good = bucket.read_bytes()
+    bucket.write_bytes(good[:-4])  # a torn bucket is refused, never written into a block
+    with pytest.raises(StoreFormatError, match="torn"):
+        write_shuffled(dst, ref.layout, iter(()), seed=2, tmp_dir=buckets, progress=False)
+    assert 3 in BlockStore.open(dst).missing_blocks()
+    bucket.write_bytes(good)
     # no input at all: only the finished scatter on disk can complete the store
     write_shuffled(dst, ref.layout, iter(()), seed=2, tmp_dir=buckets, progress=False)
     assert chunk_bytes(dst) == chunk_bytes(ref.where)

@@ -108,8 +108,8 @@ def test_window_is_deterministic_and_changes_with_epoch(id_store):
 def test_window_mb_picks_the_window(id_store):
     path = id_store(N, 97)  # X (3 float32) + y (int64): 20 bytes a row, 1940 a block
     ds = ShardedDataset(path, BS, window_mb=4 * 1940 / 2**20)
-    assert ds.window_blocks == 4
-    assert ShardedDataset(path, BS, window_mb=1e-9).window_blocks == 1
+    assert ds.window == 4
+    assert ShardedDataset(path, BS, window_mb=1e-9).window == 1
     with pytest.raises(ValueError):
         ShardedDataset(path, BS, window_blocks=2, window_mb=1)
     with pytest.raises(ValueError):
@@ -133,7 +133,7 @@ def test_window_resumes_at_every_batch(id_store, kw):
         fresh = ShardedDataset(path, BS, seed=7, window_blocks=3, **kw)
         fresh.load_state_dict(state)
         assert same_batches(list(fresh), ref[k:]), k
-    with pytest.raises(ValueError, match="window_blocks"):
+    with pytest.raises(ValueError, match="window="):
         ShardedDataset(path, BS, seed=7, window_blocks=2, **kw).load_state_dict(state)
 
 

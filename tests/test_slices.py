@@ -1,0 +1,169 @@
+"""Slice checksums in the format, ``BlockStore.read_rows`` and sub-block mixing (``slice_mb``).
+
+Stores come from ``conftest.py`` (``id`` stores: ``y[i] = i``, 20 bytes a row), so
+every delivered row says which row it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_dataset import BS, N, _chunk, _damage, assert_exactly_once, check_id_rows, load, stream_ids
+from test_resume import state_after
+
+from batches import same_batches
+from shardset import BlockStore, CorruptBlockError, ShardedDataset, StoreFormatError
+from shardset.format import slice_rows_for
+
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+
+ROW_BYTES = 20  # X: 3 float32, y: int64
+
+
+def rows_mb(rows: int) -> float:
+    """``slice_mb`` for units of ``rows`` rows of an id store."""
+    return rows * ROW_BYTES / 2**20
+
+
+# -- the format and BlockStore.read_rows -------------------------------------------------------
+
+
+def test_new_stores_record_slice_checksums(id_store):
+    bs = BlockStore.open(id_store(N, 120))
+    assert bs.layout.slice_rows == slice_rows_for(120) == 1
+    table = bs.slice_checksums(2)
+    assert table.shape == (2, 120) and table.dtype == np.uint32
+
+
+@pytest.mark.parametrize("start, stop", [(0, N), (5, 6), (120, 240), (113, 131), (0, 1), (N - 7, N), (37, 37)])
+def test_read_rows_matches_whole_blocks(id_store, start, stop):
+    path = id_store(N, 120)
+    bs = BlockStore.open(path)
+    whole = np.concatenate([bs.read_block("X", b) for b in range(bs.layout.num_blocks)])
+    np.testing.assert_array_equal(bs.read_rows("X", start, stop), whole[start:stop])
+    np.testing.assert_array_equal(bs.read_rows("y", start, stop), np.arange(start, stop))
+
+
+def test_read_rows_reads_unaligned_rows_of_coarse_slices(make_id_store):
+    # 3000-row blocks have 3-row slices: reads that start or end inside a slice
+    path = make_id_store(7000, 3000)
+    bs = BlockStore.open(path)
+    assert bs.layout.slice_rows == 3
+    for start, stop in [(1, 2), (2, 3001), (2999, 6002), (6998, 7000)]:
+        np.testing.assert_array_equal(bs.read_rows("y", start, stop), np.arange(start, stop))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_read_rows_catches_a_damaged_slice(make_id_store, how):
+    path = make_id_store(N, 120)
+    _damage(_chunk(path, "X", 1, 2), how)
+    bs = BlockStore.open(path)
+    with pytest.raises(CorruptBlockError, match="block 1 of field 'X'"):
+        bs.read_rows("X", 120, 240)
+    np.testing.assert_array_equal(bs.read_rows("X", 0, 120)[:, 0], np.arange(120))  # other blocks are fine
+
+
+def test_compressed_stores_have_no_slices(make_id_store):
+    path = make_id_store(N, 120, compression="zstd")
+    assert BlockStore.open(path).layout.slice_rows is None
+    with pytest.raises(StoreFormatError, match="no slice checksums"):
+        ShardedDataset(path, BS, slice_mb=rows_mb(10))
+
+
+# -- the reader with slice units ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("unit, window", [(10, 4), (13, 16), (50, 1)])
+def test_slice_units_deliver_exactly_once_with_equal_batch_counts(id_store, unit, window, world_size, num_workers):
+    path = id_store(N, 97)  # 13-row units straddle block ends; 97 is prime: 1-row slices
+    counts, ids = [], []
+    for rank in range(world_size):
+        ds = ShardedDataset(path, BS, seed=4, slice_mb=rows_mb(unit), window_mb=rows_mb(unit * window),
+                            rank=rank, world_size=world_size)
+        assert (ds.unit_rows, ds.window) == (unit, window)
+        batches = load(ds, num_workers)
+        for b in batches:
+            check_id_rows(b)
+        counts.append(len(batches))
+        ids.append(stream_ids(batches))
+        assert len(batches) == len(ds)
+    assert len(set(counts)) == 1
+    assert_exactly_once(np.concatenate(ids), N, world_size)
+
+
+def test_slice_stream_follows_the_plan_and_changes_with_epoch(id_store):
+    path = id_store(N, 97)
+    ds = ShardedDataset(path, BS, seed=2, slice_mb=rows_mb(10), window_blocks=2)
+    assert ds.window == round(2 * 97 / 10)  # window_blocks keeps meaning memory in blocks
+    got = stream_ids(list(ds))
+    plan = ds.plan(0)
+    np.testing.assert_array_equal(got, np.concatenate([plan.piece_index(p) for p in plan.pieces(0, plan.num_batches)]))
+    assert not np.array_equal(got, stream_ids(list(ds)))  # epoch 1
+
+
+def test_slices_mix_more_of_the_store_at_the_same_memory(id_store):
+    """With labels sorted in storage (label = row id // 101: 10 classes), a window of
+    4 blocks' memory in 10-row slices gives batches of nearly every class, where 4
+    whole blocks give a few (the point of sub-block mixing)."""
+    path = id_store(N, 97)
+
+    def classes_per_batch(**kw) -> float:
+        batches = list(ShardedDataset(path, 32, seed=1, **kw))
+        return float(np.mean([len(np.unique(stream_ids([b]) // 101)) for b in batches]))
+
+    blocks, slices = classes_per_batch(window_blocks=4), classes_per_batch(window_blocks=4, slice_mb=rows_mb(10))
+    assert blocks < 6  # 4 blocks span at most 2 classes each
+    assert slices > 8
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(rank=1, world_size=2)], ids=["ws1", "rank1of2"])
+def test_slice_stream_resumes_at_every_batch(id_store, kw):
+    path = id_store(641, 130)
+    opts = dict(seed=7, slice_mb=rows_mb(20), window_mb=rows_mb(60), **kw)
+    ref = list(ShardedDataset(path, BS, **opts))
+    ds = ShardedDataset(path, BS, **opts)
+    for k in range(0, len(ref) + 1, 2):
+        state = state_after(ds, k)
+        ds.set_epoch(0)
+        fresh = ShardedDataset(path, BS, **opts)
+        fresh.load_state_dict(state)
+        assert same_batches(list(fresh), ref[k:]), k
+    with pytest.raises(ValueError, match="unit_rows"):
+        ShardedDataset(path, BS, **{**opts, "slice_mb": rows_mb(30)}).load_state_dict(state)
+
+
+def test_a_damaged_slice_is_skipped_on_request(make_id_store):
+    path = make_id_store(N, 120)
+    _damage(_chunk(path, "X", 2, 2), "flip")
+    with pytest.raises(CorruptBlockError):
+        list(ShardedDataset(path, BS, slice_mb=rows_mb(30)))
+    with pytest.warns(RuntimeWarning, match=r"skipping rows \[2\d\d, "):
+        batches = list(ShardedDataset(path, BS, slice_mb=rows_mb(30), on_error="skip"))
+    assert sum(len(b[1]) for b in batches) == N
+    for b in batches:
+        check_id_rows(b)
+
+
+def test_incomplete_store_streams_the_slices_of_complete_blocks(make_id_store):
+    path = make_id_store(N, 120)
+    bs = BlockStore.open(path, mode="r+")
+    bs.mark_incomplete([3])
+    ds = ShardedDataset(path, BS, slice_mb=rows_mb(50), allow_incomplete=True)
+    ids = stream_ids(list(ds))
+    # units of 50 rows: those touching block 3 (rows 360-479) are left out whole
+    expect = [i for i in range(N) if not (350 <= i < 500)]
+    np.testing.assert_array_equal(np.sort(ids), expect)
+
+
+def test_cli_reads_and_measures_with_slices(id_store, capsys):
+    from shardset.cli import main
+
+    path = id_store(N, 120)
+    assert main(["read", path, "--batch-size", "32", "--window-blocks", "2", "--slice-mb", str(rows_mb(30))]) == 0
+    assert f"{N:,} rows" in capsys.readouterr().out
+    assert main(["quality", path, "--label", "y", "--window-blocks", "2", "--slice-mb", str(rows_mb(30))]) == 0
+    assert "(3 units of 75 rows)" in capsys.readouterr().out  # MiB of the fields read: y alone here
+    assert main(["read", path, "--slice-mb", "-1"]) == 2
+    assert "slice_mb must be positive" in capsys.readouterr().err
