@@ -86,7 +86,11 @@ def render() -> str:
         W, C, N = read["warm"], read.get("cold") or {}, read.get("naive") or {}
         rows = [[name, _rate(w["rows_per_s"]), _m(w["ratio_to_baseline"])] for name, w in W.items()]
         if C:
-            rows.append(["cold: sd shuffle (GB/s of file bytes / O_DIRECT read)", _rate(C["sd_rows_per_s"]), _m(C["ratio_sd_over_o_direct"])])
+            rows.append(["cold: sd shuffle, buffered reads (rows/s; ratio to an O_DIRECT read of the files)",
+                         _rate(C["sd_rows_per_s"]), _m(C["ratio_sd_over_o_direct"])])
+            if "ratio_sd_direct_over_o_direct" in C:
+                rows.append(["cold: sd shuffle, direct=True (GB/s of file bytes; ratio to the O_DIRECT read)",
+                             _m(C["sd_direct_gb_per_s_file_bytes"], digits=3) + " GB/s", _m(C["ratio_sd_direct_over_o_direct"])])
         for mode in ("warm", "cold"):
             if mode in N:
                 rows.append([f"{mode}: naive memmap + DataLoader(shuffle=True), epoch extrapolated (shardset speed-up)",

@@ -2,7 +2,8 @@
 
 Run from the repository root::
 
-    python -m benchmarks.shuffle_quality            # ~4 minutes on 2 cores
+    python -m benchmarks.shuffle_quality            # shuffles 1 and 4 GiB: ~10 minutes on 2 idle cores
+    python -m benchmarks.shuffle_quality --shuffle-mib 1024,4096,12288   # the size series in the docs
     python -m benchmarks.shuffle_quality --quick    # smoke run
 
 Three parts:
@@ -337,7 +338,7 @@ def plot(args, result: dict[str, Any]) -> None:
     r3.errorbar(gib, med, yerr=[lo, hi], fmt="s--", color="tab:red", capsize=3, label="peak RSS over interpreter")
     r3.plot(gib, [r["rss_budget_bytes"] / common.MiB for r in s], ":", color="tab:red", label="RSS budget")
     r3.set_ylabel("MiB per process")
-    r3.set_ylim(bottom=0)
+    r3.set_ylim(0, 1.25 * max(r["rss_budget_bytes"] for r in s) / common.MiB)
     r3.legend(fontsize=8, loc="lower right")
     a3.set_title("write-time shuffle", fontsize=10)
     fig.suptitle("Shuffle quality on a y-sorted store (label = decile of y); write-time shuffle vs size")

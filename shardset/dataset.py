@@ -414,7 +414,7 @@ class _Buffers:
         self.raw = {f: aligned_buffer(slots * self.slot_rows * rb) for f, rb in zip(fields, row_bytes)}
         self.rings = {f: self.raw[f].view(layout.fields[f].dtype).reshape(slots * self.slot_rows, *layout.fields[f].shape)
                       for f in fields}
-        self.orders = [np.empty(self.slot_rows, np.int32) for _ in range(slots)]
+        self.orders = np.empty((slots, self.slot_rows), np.int32)  # row orders, by slot
         self.index_dtype = np.int32 if slots * self.slot_rows < 2**31 else np.int64
         self.indices: list[np.ndarray] = []
 
@@ -457,10 +457,10 @@ class _BlockReader:
                                       initargs=(1,))
         self.slot_of: dict[int, int] = {}  # visit index -> slot
         self.loads: dict[int, Future] = {}
-        # block id -> its row order / its first row in the rings.  The order is filled
-        # by a task on the single CPU thread, so every later task there sees it done.
-        self.orders: dict[int, np.ndarray] = {}
-        self.base: dict[int, int] = {}
+        # visit index -> slot, as an array for vectorized lookups.  A slot's row order
+        # is filled by a task on the single CPU thread, so every later task there
+        # (the gather indices) sees it done.
+        self.slot_by_visit = np.zeros(plan.num_blocks, np.int64)
         self.order_error: BaseException | None = None
         self.indices: deque[Future] = deque()
         self.indexed = 0  # pieces whose gather index has been submitted
@@ -531,9 +531,8 @@ class _BlockReader:
             k, slot = self.needed.popleft(), self.free.pop()
             self.slot_of[k] = slot
             self.loads[k] = self.io.submit(self._load, k, slot)
-            block = plan.block_at(k)
-            self.orders[block], self.base[block] = self.buffers.orders[slot], slot * self.slot_rows
-            self.cpu.submit(self._order, block, self.buffers.orders[slot])
+            self.slot_by_visit[k] = slot
+            self.cpu.submit(self._order, plan.block_at(k), self.buffers.orders[slot])
             for ahead in itertools.islice(self.needed, 2):  # the disk reads ahead of the buffers
                 self._will_need(plan.block_at(ahead))
         while self.indexed < len(self.pieces):
@@ -557,8 +556,7 @@ class _BlockReader:
             while self.freed < len(visits) and last_use[self.freed] <= i:  # retire what no later piece needs
                 k = visits[self.freed]
                 self.free.append(self.slot_of.pop(k))
-                block = self.plan.block_at(k)
-                del self.loads[k], self.orders[block], self.base[block]
+                del self.loads[k]
                 self.freed += 1
 
     def _order(self, block: int, out: np.ndarray) -> None:
@@ -570,7 +568,12 @@ class _BlockReader:
     def _index(self, piece: Piece, out: np.ndarray) -> np.ndarray:
         if self.order_error is not None:
             raise self.order_error
-        return self.plan.piece_index(piece, self.base.__getitem__, self.orders.__getitem__, out)
+        return self.plan.piece_index(piece, self._rows, out)
+
+    def _rows(self, blocks: np.ndarray, visits: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Ring rows at ``positions`` of the visited blocks' row orders (see ``EpochPlan.piece_index``)."""
+        slots = self.slot_by_visit[visits]
+        return self.buffers.orders[slots, positions] + slots * self.slot_rows
 
     def close(self) -> None:
         self.io.shutdown(wait=True, cancel_futures=True)

@@ -238,11 +238,15 @@ class EpochPlan:
     def members(self, t: int) -> list[tuple[int, int, int, int]]:
         """``(block, visit index, lo, hi)`` for each block feeding stage ``t``: its
         rows at positions ``[lo, hi)`` of the block's own order, in visit order."""
+        return list(zip(*(a.tolist() for a in self._members(t))))
+
+    def _members(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`members` as four arrays."""
         ks = self.visits_of(t)
         k = np.arange(ks.start, ks.stop)
         n = self._visit_sizes[ks.start : ks.stop]
         lo, hi = (t - k) * n // self.window, (t - k + 1) * n // self.window  # _cut, for every block at once
-        return list(zip(self._visits[ks.start : ks.stop].tolist(), k.tolist(), lo.tolist(), hi.tolist()))
+        return self._visits[ks.start : ks.stop], k, lo, hi
 
     def pieces(self, first: int, last: int) -> Iterator[Piece]:
         """The stage pieces, in stream order, that batches ``[first, last)`` of this rank need."""
@@ -271,50 +275,57 @@ class EpochPlan:
         torch.randperm(n, generator=gen, out=torch.from_numpy(out))
         return out
 
-    def piece_index(
-        self,
-        piece: Piece,
-        base: Callable[[int], int] | None = None,
-        block_order: Callable[[int], np.ndarray] | None = None,
-        out: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """``base(block) + row`` for every position of ``piece``.
+    def global_rows(self, blocks: np.ndarray, visits: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Global row ids at ``positions`` of the blocks' own orders (arrays that
+        broadcast together; ``visits``, the blocks' visit indices, is unused here)."""
+        blocks, positions = np.broadcast_arrays(blocks, positions)
+        out = np.empty(blocks.shape, np.int64)
+        for b in np.unique(blocks):
+            at = blocks == b
+            out[at] = self.block_order(int(b))[positions[at]] + int(b) * self.block_rows
+        return out
 
-        With the default ``base`` (``block * block_rows``) this is the global row id
-        (int64); a reader passes where each block sits in its buffers, a cache of
-        :meth:`block_order` and an ``out`` buffer to reuse.
+    def piece_index(self, piece: Piece, rows: RowsFn | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """The row behind every position of ``piece``: ``rows(blocks, visits, positions)``
+        (arrays that broadcast; default :meth:`global_rows`, the global row ids).
+
+        A reader passes a vectorized lookup into its buffers (the row orders it
+        keeps, where each block sits) and an ``out`` buffer to reuse.
         """
-        base = base or (lambda block: block * self.block_rows)
-        order = block_order or self.block_order
-        out = np.empty(piece.stop - piece.start, np.int64) if out is None else out[: piece.stop - piece.start]
-        members = self.members(piece.stage)
-        if len(members) == 1:
-            block, _, lo, _ = members[0]
-            np.add(order(block)[lo + piece.start : lo + piece.stop], base(block), out=out, casting="unsafe")
+        rows = rows or self.global_rows
+        n = piece.stop - piece.start
+        out = np.empty(n, np.int64) if out is None else out[:n]
+        blocks, ks, lo, hi = self._members(piece.stage)
+        if len(blocks) == 1:
+            out[:] = rows(blocks[0], ks[0], np.arange(lo[0] + piece.start, lo[0] + piece.stop))
             return out
-        stage = _interleave([order(b)[lo:hi] + np.int64(base(b)) for b, _, lo, hi in members])
-        out[:] = stage[piece.start : piece.stop]
+        out[:] = _interleave(rows, blocks, ks, lo, hi - lo)[piece.start : piece.stop]
         return out
 
 
-def _interleave(parts: list[np.ndarray]) -> np.ndarray:
-    """Merge ``parts`` in proportion to their sizes, each keeping its order.
+RowsFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _interleave(rows: RowsFn, blocks: np.ndarray, ks: np.ndarray, lo: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Merge the parts (block ``blocks[j]``'s positions ``lo[j] .. lo[j] + sizes[j]``) in
+    proportion to their sizes, each keeping its order; returns their rows.
 
     Parts within one row of each other go round-robin (then the few rows left
     over, in part order); a smaller part (the short last block's) is spread evenly
     through the merge of the others, its ``i``-th row before position
     ``(i + 1/2) * n / s`` of theirs.
     """
-    sizes = [len(p) for p in parts]
-    m = min(sizes)
-    if max(sizes) - m <= 1:
-        stage = np.empty(sum(sizes), np.int64)
-        np.stack([p[:m] for p in parts], axis=1, out=stage[: m * len(parts)].reshape(m, len(parts)))
-        stage[m * len(parts) :] = [p[m] for p in parts if len(p) > m]
+    m = int(sizes.min())
+    if sizes.max() - m <= 1:
+        stage = np.empty(int(sizes.sum()), np.int64)
+        stage[: m * len(sizes)] = rows(blocks, ks, lo + np.arange(m)[:, None]).reshape(-1)
+        more = sizes > m
+        stage[m * len(sizes) :] = rows(blocks[more], ks[more], lo[more] + m)
         return stage
-    j = sizes.index(m)
-    rest = _interleave(parts[:j] + parts[j + 1 :])
-    return np.insert(rest, ((np.arange(m) + 0.5) * len(rest) / m).astype(np.int64), parts[j])
+    j = int(sizes.argmin())
+    rest = _interleave(rows, *(np.delete(a, j) for a in (blocks, ks, lo, sizes)))
+    part = rows(blocks[j], ks[j], lo[j] + np.arange(m))
+    return np.insert(rest, ((np.arange(m) + 0.5) * len(rest) / m).astype(np.int64), part)
 
 
 def undelivered(plans: Sequence[tuple["EpochPlan", int, int, int]]) -> tuple[tuple[int, int], ...]:
