@@ -394,11 +394,13 @@ class ShardedDataset(IterableDataset):
 class _Buffers:
     """A consumer's block slots, row orders and gather indices, kept across epochs.
 
-    One slot holds a block of every field (the same rows in each, with room for
-    the checksum trailer).  Reusing them across epochs saves faulting the pages in
+    One slot holds a block (or a slice unit) of every field, the same rows in
+    each, with room for the checksum trailer and for a read with ``O_DIRECT``
+    rounded up to 4 KiB.  Reusing them across epochs saves faulting the pages in
     again, and reusing the scratch arrays keeps the heap from fragmenting: peak RSS
-    at prefetch=1 in ``python -m benchmarks.bench_read`` went from 3.07 blocks (the
-    run committed before) to 2.37 (``benchmarks/results/read.json``).
+    at prefetch=1 in ``python -m benchmarks.bench_read`` went from 3.07 blocks to
+    2.37 when they came in, and is 2.68 with the O_DIRECT room and the
+    ``(slots, rows)`` row orders (``benchmarks/results/read.json``).
     """
 
     def __init__(self, store: BlockStore, fields: list[str], slots: int, unit_rows: int | None = None) -> None:
@@ -433,7 +435,8 @@ class _BlockReader:
 
     Blocks go into a ring of ``window + prefetch`` slots per field, one array per
     field, so a stage that mixes several blocks is gathered with one ``np.take``.
-    Reads run on ``max(1, prefetch)`` I/O threads; row orders and each piece's
+    Reads run on ``max(1, prefetch)`` I/O threads (at most ``IO_THREADS``, or
+    ``SLICE_IO_THREADS`` for slice units); row orders and each piece's
     gather index are computed on a separate thread, so neither waits for the
     other (both release the GIL).  A block's slot is reused once the consumer is
     past the last stage that needs it.  Iterating yields ``(ring rows by field,

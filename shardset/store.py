@@ -542,13 +542,18 @@ class BlockStore:
         aligned = lead == 0 and last == s1 * sr
         raw = dest if aligned else np.empty((s1 - s0) * sr * rb, np.uint8)
         self._read_range(name, block, s0 * sr * rb, raw)
-        expected = self.slice_checksums(block)[list(lay.fields).index(name)]
-        step = sr * rb
-        for i in range(s1 - s0):
-            if crc32c.crc32c(raw[i * step : (i + 1) * step]) != expected[s0 + i]:
-                raise CorruptBlockError(f"{self._describe(name, block)} fails the crc32c of its slice {s0 + i}")
+        self.check_slices(name, block, raw, s0)
         if not aligned:
             dest[:] = raw[lead : lead + len(dest)]
+
+    def check_slices(self, name: str, block: int, raw: np.ndarray, first: int = 0) -> None:
+        """Check the bytes ``raw`` of slices ``first, first + 1, ...`` of ``block`` of
+        ``name`` against the slice checksums; raise :class:`CorruptBlockError` if one differs."""
+        step = self.layout.slice_rows * self.layout.fields[name].row_bytes
+        expected = self.slice_checksums(block)[list(self.layout.fields).index(name)]
+        for i in range(len(raw) // step):
+            if crc32c.crc32c(raw[i * step : (i + 1) * step]) != expected[first + i]:
+                raise CorruptBlockError(f"{self._describe(name, block)} fails the crc32c of its slice {first + i}")
 
     def _read_range(self, name: str, block: int, offset: int, dest: np.ndarray) -> None:
         """Fill ``dest`` with the chunk's bytes from ``offset`` (one ranged read)."""

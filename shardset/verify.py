@@ -2,8 +2,9 @@
 
 A plain check reads every block recorded complete, field by field, through
 :meth:`BlockStore.read_block`, which insists on the chunk existing, having its
-exact size and passing its CRC-32C; blocks not recorded complete are faults
-too.  ``deep=True`` (synthetic stores only) also regenerates each block from
+exact size and passing its CRC-32C, and checks the block's slice checksums
+(where the store has them) against the same bytes; blocks not recorded
+complete are faults too.  ``deep=True`` (synthetic stores only) also regenerates each block from
 ``(seed, block)`` with the generator recorded in the attributes and compares
 the bytes: the store is a pure function of its parameters, so this is an exact
 audit that also covers stores written without checksums.  ``repair=True``
@@ -201,6 +202,8 @@ class _BlockChecker:
         for name, buf in self.buffers.items():
             try:
                 data = self.store.read_block(name, block, buf)
+                if self.store.slice_table is not None:  # the chunk is whole, its slice table must agree
+                    self.store.check_slices(name, block, buf[: self.store.block_nbytes(name)])
             except CorruptBlockError as exc:
                 faults.append(Fault(block, name, str(exc)))
                 continue

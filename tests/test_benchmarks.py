@@ -142,6 +142,7 @@ SCRIPTS = {
     "bench_write": ["--quick", "--gib", "0.01", "--sweep-gib", "0.005", "--disk-gib", "0.01", "--gen-mib", "4",
                     "--gen-passes", "1", "--block-mbs", "64", "--ds", "2", "--codecs", "none"],
     "bench_scale": ["--quick", "--sizes", "0.005", "--big-gb", "100"],
+    "bench_slices": ["--quick", "--rows", "8192", "--block-rows", "512", "--read-gib", "0.01"],
     "bench_permutation": ["--quick"],
     "soak": ["--quick", "--rows", "20000", "--blocks", "4", "--epochs", "3", "--workers", "2", "--warmup", "1"],
     "convergence": ["--quick", "--rows", "4096", "--block-rows", "512", "--seeds", "1", "--epochs", "1"],

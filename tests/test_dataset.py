@@ -86,6 +86,23 @@ def assert_exactly_once(ids: np.ndarray, rows: int, world_size: int = 1) -> None
     assert len(ids) == rows - rows % world_size
 
 
+def assert_ranks_split_once(path, world_size: int, num_workers: int, **kw) -> None:
+    """Every rank of ``world_size`` (through a DataLoader with ``num_workers``) yields
+    consistent id rows, as many batches as ``len(ds)`` and as the other ranks, and
+    together they deliver every row once (at most ``world_size - 1`` dropped)."""
+    counts, ids = [], []
+    for rank in range(world_size):
+        ds = ShardedDataset(path, BS, rank=rank, world_size=world_size, **kw)
+        batches = load(ds, num_workers)
+        for b in batches:
+            check_id_rows(b)
+        counts.append(len(batches))
+        ids.append(stream_ids(batches))
+        assert len(batches) == len(ds)
+    assert len(set(counts)) == 1
+    assert_exactly_once(np.concatenate(ids), N, world_size)
+
+
 def visit_order(ids: np.ndarray, block_rows: int) -> list[int]:
     """Blocks in the order the stream enters them (runs of equal block ids collapsed)."""
     blocks = ids // block_rows

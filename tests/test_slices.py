@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_dataset import BS, N, _chunk, _damage, assert_exactly_once, check_id_rows, load, stream_ids
+from test_dataset import BS, N, _chunk, _damage, assert_ranks_split_once, check_id_rows, stream_ids
 from test_resume import state_after
 
 from batches import same_batches
@@ -78,19 +78,10 @@ def test_compressed_stores_have_no_slices(make_id_store):
 @pytest.mark.parametrize("unit, window", [(10, 4), (13, 16), (50, 1)])
 def test_slice_units_deliver_exactly_once_with_equal_batch_counts(id_store, unit, window, world_size, num_workers):
     path = id_store(N, 97)  # 13-row units straddle block ends; 97 is prime: 1-row slices
-    counts, ids = [], []
-    for rank in range(world_size):
-        ds = ShardedDataset(path, BS, seed=4, slice_mb=rows_mb(unit), window_mb=rows_mb(unit * window),
-                            rank=rank, world_size=world_size)
-        assert (ds.unit_rows, ds.window) == (unit, window)
-        batches = load(ds, num_workers)
-        for b in batches:
-            check_id_rows(b)
-        counts.append(len(batches))
-        ids.append(stream_ids(batches))
-        assert len(batches) == len(ds)
-    assert len(set(counts)) == 1
-    assert_exactly_once(np.concatenate(ids), N, world_size)
+    kw = dict(seed=4, slice_mb=rows_mb(unit), window_mb=rows_mb(unit * window))
+    ds = ShardedDataset(path, BS, **kw)
+    assert (ds.unit_rows, ds.window) == (unit, window)
+    assert_ranks_split_once(path, world_size, num_workers, **kw)
 
 
 def test_slice_stream_follows_the_plan_and_changes_with_epoch(id_store):
@@ -167,3 +158,23 @@ def test_cli_reads_and_measures_with_slices(id_store, capsys):
     assert "(3 units of 75 rows)" in capsys.readouterr().out  # MiB of the fields read: y alone here
     assert main(["read", path, "--slice-mb", "-1"]) == 2
     assert "slice_mb must be positive" in capsys.readouterr().err
+
+
+def test_verify_checks_the_slice_table_and_repair_rewrites_it(tmp_path):
+    import zarr
+
+    from shardset import generate_regression, verify
+
+    path = str(tmp_path / "reg.zarr")
+    generate_regression(path, rows=N, features=3, block_rows=120, workers=1, progress=False)
+    table = zarr.open_group(path, mode="r+")["slice_checksums"]
+    wrong = table[3]
+    wrong[0, 5] ^= 1  # a table that disagrees with a chunk whose own crc32c is fine
+    table[3] = wrong
+    report = verify(path, workers=1)
+    assert [(f.block, f.field) for f in report.faults] == [(3, "X")]
+    assert "slice 5" in report.faults[0].problem
+    with pytest.raises(CorruptBlockError, match="slice 5"):
+        BlockStore.open(path).read_rows("X", 3 * 120, 4 * 120)
+    assert verify(path, workers=1, repair=True).repaired == [3]
+    assert verify(path, workers=1).ok

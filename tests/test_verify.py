@@ -115,13 +115,16 @@ def test_without_checksums_sizes_are_still_checked_and_the_deep_audit_finds_flip
     assert _files(path) == _files(pristine["plain"])
 
 
-def test_swapped_chunks_pass_their_checksums_but_not_the_deep_audit(pristine, tmp_path):
+def test_swapped_chunks_pass_their_own_checksums_but_not_the_slice_tables_or_the_deep_audit(pristine, tmp_path):
     path = _copy(pristine, "crc", tmp_path)
     a, b = _chunk(path, "y", 4), _chunk(path, "y", 11)
     da, db = a.read_bytes(), b.read_bytes()
     a.write_bytes(db)
     b.write_bytes(da)
-    assert verify(path, workers=1).ok
+    BlockStore.open(path).read_block("y", 4)  # each chunk's own crc32c still holds
+    plain = verify(path, workers=1)  # but the slice checksums belong to the block
+    assert [(f.block, f.field) for f in plain.faults] == [(4, "y"), (11, "y")]
+    assert all("slice 0" in f.problem for f in plain.faults)
     deep = verify(path, deep=True, workers=1)
     assert [(f.block, f.field) for f in deep.faults] == [(4, "y"), (11, "y")]
 

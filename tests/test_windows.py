@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from batches import same_batches
-from test_dataset import BS, N, _chunk, _damage, assert_exactly_once, check_id_rows, load, stream_ids
+from test_dataset import BS, N, _chunk, _damage, assert_ranks_split_once, check_id_rows, load, stream_ids
 from test_resume import state_after
 
 from shardset import BlockStore, ShardedDataset
@@ -61,18 +61,7 @@ def test_stage_of_inverts_offset():
 @pytest.mark.parametrize("block_rows, window", [(97, 2), (97, 3), (400, 3), (400, 2)])
 def test_windows_deliver_exactly_once_with_equal_batch_counts(id_store, block_rows, window, world_size, num_workers):
     # 400-row blocks: 3 blocks, so a window of 3 spans more blocks than a rank has.
-    path = id_store(N, block_rows)
-    counts, ids = [], []
-    for rank in range(world_size):
-        ds = ShardedDataset(path, BS, seed=4, window_blocks=window, rank=rank, world_size=world_size)
-        batches = load(ds, num_workers)
-        for b in batches:
-            check_id_rows(b)
-        counts.append(len(batches))
-        ids.append(stream_ids(batches))
-        assert len(batches) == len(ds)
-    assert len(set(counts)) == 1
-    assert_exactly_once(np.concatenate(ids), N, world_size)
+    assert_ranks_split_once(id_store(N, block_rows), world_size, num_workers, seed=4, window_blocks=window)
 
 
 def test_window_stream_follows_the_plan(id_store):
