@@ -559,8 +559,9 @@ class BlockStore:
         """Fill ``dest`` with the chunk's bytes from ``offset`` (one ranged read)."""
         path = self.chunk_path(name, block)
         if path is None:
-            got = sync(self.group.store.get(self.chunk_key(name, block), default_buffer_prototype(),
-                                            RangeByteRequest(offset, offset + len(dest))))
+            with remote_errors(self.where, f"reading {self._describe(name, block)} from"):
+                got = sync(self.group.store.get(self.chunk_key(name, block), default_buffer_prototype(),
+                                                RangeByteRequest(offset, offset + len(dest))))
             if got is None:
                 raise CorruptBlockError(f"{self._describe(name, block)} is missing")
             part = got.as_numpy_array()
