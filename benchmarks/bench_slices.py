@@ -21,8 +21,9 @@ with slices of ``1/k`` of a block (``slice_mb``, :mod:`shardset.dataset`).
 2. **Cold throughput** on a store of 128 MiB blocks (d = 16): each round evicts
    the chunk files from the page cache (checked with ``mincore``) before every
    run, reads them sequentially with ``O_DIRECT``, one read a file (the disk's
-   sequential bandwidth) and streams one epoch with each configuration, in a rotated
-   order; ratios are taken within the round.
+   sequential bandwidth) and streams one epoch with each configuration
+   (``direct=True``: uncached blocks and slices are read with ``O_DIRECT``), in
+   a rotated order; ratios are taken within the round.
 
 Results: ``benchmarks/results/<name>.json`` and ``benchmarks/plots/<name>.png``.
 """
@@ -123,7 +124,7 @@ def throughput(args, root: Path) -> dict[str, Any]:
         rates["O_DIRECT sequential"].append(direct_read(chunks, piece=whole)["gb_per_s"] * GB)
         for name in names[r % len(names):] + names[: r % len(names)]:
             evictions.append(common.evict_verified(chunks))
-            rates[name].append(epoch_rate(path, args.batch_size, cfgs[name]))
+            rates[name].append(epoch_rate(path, args.batch_size, {**cfgs[name], "direct": True}))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1] / GB:.3f}" for k, v in rates.items()) + " GB/s", flush=True)
     base = rates["O_DIRECT sequential"]
     return {

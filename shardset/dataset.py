@@ -84,8 +84,8 @@ class ShardedDataset(IterableDataset):
             block, so every rank still yields the same batches.
         allow_incomplete: stream only the complete blocks of a store that is
             still being written (the stream is fixed when the dataset is made).
-        direct: read whole blocks that are not in the page cache with ``O_DIRECT``
-            (no copy out of the cache, and nothing cached for later epochs);
+        direct: read blocks (or slices) that are not in the page cache with
+            ``O_DIRECT`` (no copy out of the cache, and nothing cached for later epochs);
             ``"auto"`` does so when the fields read exceed half of the RAM, so a
             set that fits stays cached between epochs.
         storage_options: for a URL (``s3://...``): endpoint, region, credentials.
@@ -495,7 +495,8 @@ class _BlockReader:
             return
         start = unit * self.plan.block_rows
         for f in self.fields:
-            self.store.read_rows(f, start, start + self.plan.block_size(unit), self.buffers.slot(f, slot))
+            self.store.read_rows(f, start, start + self.plan.block_size(unit), self.buffers.slot(f, slot),
+                                 direct=self.direct)
 
     def _name(self, unit: int) -> str:
         if not self.slices:

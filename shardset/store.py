@@ -34,6 +34,7 @@ import fcntl
 import functools
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -338,12 +339,15 @@ class BlockStore:
             raise StoreFormatError(f"{self.where} has no slice checksums (it is compressed, or was written by an "
                                    "older shardset): read whole blocks, or rewrite it with `shardset shuffle`")
 
-    def read_rows(self, name: str, start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
+    def read_rows(self, name: str, start: int, stop: int, buffer: np.ndarray | None = None, *,
+                  direct: bool = False) -> np.ndarray:
         """Rows ``[start, stop)`` of field ``name`` (they may span blocks), reading only
         the checksummed slices that hold them and verifying each.
 
         Needs a store with slice checksums (``layout.slice_rows``).  ``buffer``: at
         least ``(stop - start) * row_bytes`` bytes to read into; the result views it.
+        ``direct``: read slices that are not in the page cache with ``O_DIRECT``
+        (through a per-thread aligned buffer of the read's size, then one copy).
         """
         lay, spec = self.layout, self.layout.fields[name]
         self.require_slices()
@@ -355,7 +359,8 @@ class BlockStore:
         while pos < stop:
             block, first = divmod(pos, lay.block_rows)
             end = min(stop, (block + 1) * lay.block_rows)
-            self._read_slices(name, block, first, first + end - pos, out[(pos - start) * rb : (end - start) * rb])
+            self._read_slices(name, block, first, first + end - pos, out[(pos - start) * rb : (end - start) * rb],
+                              direct)
             pos = end
         return out.view(spec.dtype).reshape(stop - start, *spec.shape)
 
@@ -532,7 +537,7 @@ class BlockStore:
             raise CorruptBlockError(f"the slice checksums of block {block} cannot be read: {exc}") from None
         return table
 
-    def _read_slices(self, name: str, block: int, first: int, last: int, dest: np.ndarray) -> None:
+    def _read_slices(self, name: str, block: int, first: int, last: int, dest: np.ndarray, direct: bool) -> None:
         """Rows ``[first, last)`` of ``block`` into ``dest``: read the slices that hold
         them (straight into ``dest`` when the rows are whole slices) and check each."""
         lay = self.layout
@@ -541,7 +546,7 @@ class BlockStore:
         lead = (first - s0 * sr) * rb
         aligned = lead == 0 and last == s1 * sr
         raw = dest if aligned else np.empty((s1 - s0) * sr * rb, np.uint8)
-        self._read_range(name, block, s0 * sr * rb, raw)
+        self._read_range(name, block, s0 * sr * rb, raw, direct)
         self.check_slices(name, block, raw, s0)
         if not aligned:
             dest[:] = raw[lead : lead + len(dest)]
@@ -555,7 +560,7 @@ class BlockStore:
             if crc32c.crc32c(raw[i * step : (i + 1) * step]) != expected[first + i]:
                 raise CorruptBlockError(f"{self._describe(name, block)} fails the crc32c of its slice {first + i}")
 
-    def _read_range(self, name: str, block: int, offset: int, dest: np.ndarray) -> None:
+    def _read_range(self, name: str, block: int, offset: int, dest: np.ndarray, direct: bool = False) -> None:
         """Fill ``dest`` with the chunk's bytes from ``offset`` (one ranged read)."""
         path = self.chunk_path(name, block)
         if path is None:
@@ -576,6 +581,11 @@ class BlockStore:
         except OSError as exc:
             raise CorruptBlockError(f"{self._describe(name, block)} cannot be read: {exc.strerror or exc}") from None
         try:
+            got = _read_range_direct(fd, offset, dest) if direct else None
+            if got is not None:
+                if got < len(dest):
+                    raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
+                return
             if hasattr(os, "posix_fadvise"):  # no readahead past the range: the next read is elsewhere
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             done = 0
@@ -682,13 +692,52 @@ def _read_direct(fd: int, buffer: np.ndarray, want: int) -> int | None:
     return got
 
 
-def _page_cached(fd: int, size: int) -> bool:
-    """Whether the first, middle and last byte of the file on ``fd`` are in the page
-    cache, probed with ``RWF_NOWAIT`` reads (which fail rather than wait for the
-    disk).  True where the probe is not supported, so the caller keeps its ordinary
-    read."""
+def _read_range_direct(fd: int, offset: int, dest: np.ndarray) -> int | None:
+    """Fill ``dest`` from ``offset`` of the file on ``fd`` with ``O_DIRECT``: the
+    4 KiB-aligned span around the range goes into this thread's aligned scratch
+    buffer, then the range is copied out.  Returns the bytes of the range that the
+    file holds (short at its end), or None where the ordinary read should be used
+    (the range is in the page cache, or the file system refuses direct I/O)."""
+    n = len(dest)
+    if not hasattr(os, "O_DIRECT") or _page_cached(fd, n, offset):
+        return None
+    start = offset - offset % DIRECT_ALIGN
+    size = direct_nbytes(offset + n - start)
+    scratch = getattr(_scratch, "buffer", None)
+    if scratch is None or scratch.nbytes < size:
+        scratch = _scratch.buffer = aligned_buffer(size, hugepages=False)
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError:
+        return None  # EINVAL: no direct I/O on this file system
+    view, got = memoryview(scratch)[:size], 0
+    try:
+        while got < size:
+            step = os.preadv(fd, [view[got:]], start + got)
+            got += step
+            if step == 0 or got % DIRECT_ALIGN:  # end of file
+                break
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or got:
+            raise
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        return None  # the file system wants another alignment
+    have = max(0, min(n, got - (offset - start)))
+    dest[:have] = scratch[offset - start : offset - start + have]
+    return have
+
+
+_scratch = threading.local()  # each I/O thread's buffer for _read_range_direct
+
+
+def _page_cached(fd: int, size: int, start: int = 0) -> bool:
+    """Whether the first, middle and last byte of the ``size`` bytes at ``start`` of
+    the file on ``fd`` are in the page cache, probed with ``RWF_NOWAIT`` reads (which
+    fail rather than wait for the disk).  True where the probe is not supported, so
+    the caller keeps its ordinary read."""
     probe = bytearray(1)
-    for offset in sorted({0, size // 2, max(0, size - 1)}):
+    for offset in sorted({start, start + size // 2, start + max(0, size - 1)}):
         try:
             os.preadv(fd, [probe], offset, os.RWF_NOWAIT)
         except BlockingIOError:
