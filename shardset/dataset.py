@@ -51,7 +51,8 @@ Batch = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 GATHER_ROWS = 1 << 16
 # Reads in flight at most: whole blocks are long sequential reads; slices are a few
 # MiB at random offsets, which a disk serves fast only with many in flight (2 MiB
-# O_DIRECT reads on this project's disk: 0.13 GB/s one at a time, 0.52 at 16).
+# O_DIRECT reads on this project's disk, a one-off run on a busy machine: 0.13 GB/s
+# one at a time, 0.52 at 16).
 IO_THREADS, SLICE_IO_THREADS = 4, 16
 
 
@@ -455,7 +456,7 @@ class _BlockReader:
                                      thread_name_prefix="shardset-read")
         # One intra-op thread for this thread's torch calls (a thread-local setting):
         # randperm of over 32k rows otherwise wakes the intra-op pool, which cost
-        # 20 ms instead of 0.3 ms for 61k rows on a busy 2-core machine.
+        # 20 ms instead of 0.3 ms for 61k rows (a one-off timing on a busy 2-core machine).
         self.cpu = ThreadPoolExecutor(1, thread_name_prefix="shardset-order", initializer=torch.set_num_threads,
                                       initargs=(1,))
         self.slot_of: dict[int, int] = {}  # visit index -> slot

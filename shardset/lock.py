@@ -146,7 +146,18 @@ def _compatible(a: Part | None, b: Part | None) -> bool:
     return a is not None and b is not None and a[1] == b[1] and a[0] != b[0]
 
 
-class WriterLock:
+class _Held:
+    """``with lock:`` acquires and releases (both lock kinds)."""
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class WriterLock(_Held):
     """Register this process as a writer of ``store`` (see the module docstring)."""
 
     def __init__(self, store: str | os.PathLike, part: Part | None = None) -> None:
@@ -156,13 +167,6 @@ class WriterLock:
         self.path = self.local + LOCK_SUFFIX
         self.owner: Owner | None = None
         self._mutex_fd: int | None = None  # set while this object holds the flock (re-entrant)
-
-    def __enter__(self) -> "WriterLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
     def acquire(self) -> None:
         """Register, or raise :class:`StoreLockedError` naming a live, conflicting owner."""
@@ -232,7 +236,7 @@ class WriterLock:
         return cls(f"cannot {verb} {self.store}: {exc.strerror or exc} ({self.path})")
 
 
-class RemoteLock:
+class RemoteLock(_Held):
     """The writer lock of an object-store ``store``: the object ``<store>.lock`` beside it
     (``shardset.lock`` for a store at a bucket's root).
 
@@ -250,13 +254,6 @@ class RemoteLock:
         self.key = f"{name or 'shardset'}{LOCK_SUFFIX}"
         self.objects = open_store(StoreURL(url.scheme, url.bucket, parent), storage_options).store
         self.owner: Owner | None = None
-
-    def __enter__(self) -> "RemoteLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
     def acquire(self) -> None:
         """Create the lock object, replace a stale one, or raise :class:`StoreLockedError`."""

@@ -672,24 +672,7 @@ def _read_direct(fd: int, buffer: np.ndarray, want: int) -> int | None:
     actual = os.fstat(fd).st_size
     if actual != want:
         return actual
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-    except OSError:
-        return None  # EINVAL: no direct I/O on this file system
-    view, got = memoryview(buffer)[:size], 0
-    try:
-        while got < size:
-            step = os.preadv(fd, [view[got:]], got)
-            got += step
-            if step == 0 or got % DIRECT_ALIGN:  # end of file
-                break
-    except OSError as exc:
-        if exc.errno != errno.EINVAL or got:
-            raise
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-        return None  # the file system wants another alignment
-    return got
+    return _preadv_direct(fd, memoryview(buffer)[:size], 0)
 
 
 def _read_range_direct(fd: int, offset: int, dest: np.ndarray) -> int | None:
@@ -706,14 +689,26 @@ def _read_range_direct(fd: int, offset: int, dest: np.ndarray) -> int | None:
     scratch = getattr(_scratch, "buffer", None)
     if scratch is None or scratch.nbytes < size:
         scratch = _scratch.buffer = aligned_buffer(size, hugepages=False)
+    got = _preadv_direct(fd, memoryview(scratch)[:size], start)
+    if got is None:
+        return None
+    have = max(0, min(n, got - (offset - start)))
+    dest[:have] = scratch[offset - start : offset - start + have]
+    return have
+
+
+def _preadv_direct(fd: int, view: memoryview, start: int) -> int | None:
+    """Switch ``fd`` to ``O_DIRECT`` and fill the aligned ``view`` from the aligned
+    offset ``start``; returns the bytes read (fewer at the end of the file), or None
+    where the file system refuses direct I/O (before any byte was read)."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
     except OSError:
         return None  # EINVAL: no direct I/O on this file system
-    view, got = memoryview(scratch)[:size], 0
+    got = 0
     try:
-        while got < size:
+        while got < len(view):
             step = os.preadv(fd, [view[got:]], start + got)
             got += step
             if step == 0 or got % DIRECT_ALIGN:  # end of file
@@ -723,9 +718,7 @@ def _read_range_direct(fd: int, offset: int, dest: np.ndarray) -> int | None:
             raise
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
         return None  # the file system wants another alignment
-    have = max(0, min(n, got - (offset - start)))
-    dest[:have] = scratch[offset - start : offset - start + have]
-    return have
+    return got
 
 
 _scratch = threading.local()  # each I/O thread's buffer for _read_range_direct
