@@ -115,6 +115,9 @@ def direct_read(paths: Iterable[str | os.PathLike], piece: int = 8 * MiB) -> dic
     filesystem refuses direct I/O (tmpfs, some network filesystems)."""
     buf = mmap.mmap(-1, piece)  # page aligned, as O_DIRECT requires
     mv = memoryview(buf)
+    # Fault the buffer in before the clock starts: a reader reuses its buffers, and
+    # the first touch of fresh memory is slow on a VM (1.2 GiB took 4.5 s here).
+    np.frombuffer(buf, np.uint8)[:: mmap.PAGESIZE] = 0
     total = 0
     t0 = time.perf_counter()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import itertools
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -500,6 +501,20 @@ def test_batches_are_independent_copies(id_store, mixed_store, prefetch):
         for t in first.values() if isinstance(first, dict) else first:
             t.fill_(3)
         assert same_batches(kept[1:], ref[1:])
+
+
+def test_an_abandoned_iterator_stops_its_threads(id_store):
+    path = id_store(N, 97)
+    ref = list(ShardedDataset(path, BS, seed=3, window_blocks=2))
+    ds = ShardedDataset(path, BS, seed=3, window_blocks=2)
+    it = iter(ds)
+    head = [next(it) for _ in range(5)]
+    assert any(t.name.startswith("shardset-") for t in threading.enumerate())
+    it.close()  # as a training loop's break does, once the iterator is dropped
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("shardset-")]
+    assert same_batches(head, ref[:5])
+    ds.set_epoch(0)  # the buffers are free again: the next pass gives the whole epoch
+    assert same_batches(list(ds), ref)
 
 
 @pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 2)])
