@@ -563,7 +563,7 @@ class _BlockReader:
     def _order(self, block: int, out: np.ndarray) -> None:
         try:
             self.plan.block_order(block, out)
-        except BaseException as exc:  # raised by the next gather index, on the consumer's thread
+        except BaseException as exc:  # raised by the next gather index, and so by the next batch
             self.order_error = exc
 
     def _index(self, piece: Piece, out: np.ndarray) -> np.ndarray:

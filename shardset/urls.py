@@ -230,6 +230,8 @@ def remote_error(exc: BaseException, where: str | StoreURL, doing: str) -> BaseE
         cause = os_error.group(2).lower()
     elif re.search(r"kind: Timeout|TimedOut|timed out", text):
         cause = "timed out"
+    elif "IncompleteMessage" in text:  # a kept-alive connection that the server closed under the request
+        cause = "the server closed the connection"
     else:
         cause = "the request failed"
     err = StoreIOError(f"{doing} {where} failed: {cause} ({summary})")

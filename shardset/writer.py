@@ -38,7 +38,7 @@ from .errors import ArgumentError, ShardsetError, StoreFormatError, StoreIOError
 from .format import ATTRS_KEY, DEFAULT_BLOCK_MB, MIB, FieldSpec, Layout, block_rows_for, check_int
 from .lock import check_part, locked, metadata_mutex, sole_writer
 from .store import BlockStore, compressors_for
-from .urls import open_store, parse_url, store_exists
+from .urls import open_store, parse_url, remote_error, store_exists
 
 __all__ = ["write", "write_blocks", "write_some_blocks", "open_for_writing", "layout_for"]
 
@@ -152,13 +152,12 @@ def write(
     ``shuffle=True`` stores the rows in a pseudorandom order drawn from ``seed``,
     so that every block is a random sample of the whole input (for data written
     sorted by label, time or source): see :mod:`shardset.shuffle`.  It takes
-    about three blocks of memory and as much temporary disk as the data.
+    about three blocks of memory and as much temporary disk as the data (beside
+    the store, or in the system's temporary directory when ``path`` is a URL).
 
     ``path`` may be a URL (``s3://bucket/prefix``, see :mod:`shardset.urls`) with
     ``storage_options`` for its endpoint, region and credentials.
     """
-    if shuffle and storage_options:
-        raise ArgumentError("shuffle=True writes through a local temporary store and takes no storage_options")
     if isinstance(batches, Mapping):
         arrays = batches
         lens = {len(a) for a in arrays.values()}
@@ -173,7 +172,8 @@ def write(
 
         if shuffle:
             blocks = map(block, range(layout.num_blocks))
-            return _write_shuffled(path, layout, blocks, seed, compression, checksum, overwrite, progress)
+            return _write_shuffled(path, layout, blocks, seed, compression, checksum, overwrite, progress,
+                                   storage_options)
         store = open_for_writing(
             path, layout, compression=compression, checksum=checksum, overwrite=overwrite, storage_options=storage_options
         )
@@ -190,7 +190,8 @@ def write(
     layout = layout_for(rows, {k: FieldSpec.of(v) for k, v in first.items()}, block_mb=block_mb, block_rows=block_rows)
     if shuffle:
         chunks = (arr for _, arr in _rebatch(layout, _chain(first, it)))
-        return _write_shuffled(path, layout, chunks, seed, compression, checksum, overwrite, progress)
+        return _write_shuffled(path, layout, chunks, seed, compression, checksum, overwrite, progress,
+                               storage_options)
     store = open_for_writing(
         path, layout, compression=compression, checksum=checksum, overwrite=overwrite, storage_options=storage_options
     )
@@ -200,11 +201,13 @@ def write(
     return store
 
 
-def _write_shuffled(path, layout: Layout, chunks, seed: int, compression, checksum: bool, overwrite, progress) -> BlockStore:
+def _write_shuffled(path, layout: Layout, chunks, seed: int, compression, checksum: bool, overwrite, progress,
+                    storage_options) -> BlockStore:
     from .shuffle import write_shuffled  # shuffle builds on this module
 
     return write_shuffled(
-        path, layout, chunks, seed=seed, compression=compression, checksum=checksum, overwrite=overwrite, progress=progress
+        path, layout, chunks, seed=seed, compression=compression, checksum=checksum, overwrite=overwrite,
+        progress=progress, storage_options=storage_options,
     )
 
 
@@ -356,13 +359,35 @@ def _run(store: BlockStore, blocks, nblocks: int, progress: bool | None) -> None
 
 @contextlib.contextmanager
 def _os_errors(store: BlockStore) -> Iterator[None]:
-    """Turn an OS error while writing (disk full, EIO) into a one-line :class:`StoreIOError`."""
+    """Turn an OS error while writing (disk full, EIO) or an object store's failure
+    (the server went away, ...) into a one-line :class:`StoreIOError` (or
+    :class:`~shardset.errors.StoreAccessError`)."""
     try:
         yield
-    except OSError as exc:
-        if isinstance(exc, ShardsetError):
+    except Exception as exc:
+        mapped = _write_error(store, exc)
+        if mapped is exc:
             raise
-        raise _io_error(store, exc.errno, exc.strerror or str(exc)) from exc
+        raise mapped from exc
+
+
+def _write_error(store: BlockStore, exc: BaseException) -> BaseException:
+    """The typed error for ``exc`` raised while writing ``store``; ``exc`` itself when
+    it is neither an OS error nor an object store's."""
+    if isinstance(exc, ShardsetError):
+        return exc
+    if isinstance(exc, OSError):
+        return _io_error(store, exc.errno, exc.strerror or str(exc))
+    mapped = remote_error(exc, store.where, "writing")
+    return exc if mapped is exc else _resumable(mapped)
+
+
+def _resumable(err: ShardsetError) -> ShardsetError:
+    """``err``, a typed object-store failure while writing, saying how to go on.  (No
+    count of the complete blocks: asking the store would wait out the same failure.)"""
+    out = type(err)(f"{err}; the finished blocks are kept: fix the cause and rerun to resume")
+    out.errno = getattr(err, "errno", None)
+    return out
 
 
 def _io_error(store: BlockStore, errno: int | None, reason: str) -> StoreIOError:
@@ -397,7 +422,10 @@ def _process_main(path: str, storage_options, make_block: BlockFn, blocks: list[
         _write_loop(store, _produce(make_block, store.layout, blocks), lambda b: results.put(("done", b)))
         results.put(("exit", os.getpid()))
     except BaseException as exc:  # reported to the parent, which raises it
-        if isinstance(exc, OSError) and not isinstance(exc, ShardsetError):
+        remote = remote_error(exc, path, "writing")
+        if remote is not exc:
+            results.put(("remote", remote))
+        elif isinstance(exc, OSError) and not isinstance(exc, ShardsetError):
             results.put(("oserror", (exc.errno, exc.strerror or str(exc))))
         else:
             results.put(("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, ShardsetError) else str(exc)))
@@ -414,7 +442,7 @@ def _run_processes(store: BlockStore, make_block: BlockFn, todo: list[int], work
     for p in procs:
         p.start()
     prog = _Progress(store, len(todo), progress)
-    exited, error, os_error = 0, None, None
+    exited, error, os_error, remote = 0, None, None, None
     try:
         while exited < workers and error is None:
             try:
@@ -430,6 +458,8 @@ def _run_processes(store: BlockStore, make_block: BlockFn, todo: list[int], work
                 exited += 1
             elif kind == "oserror":
                 os_error = error = value
+            elif kind == "remote":
+                remote = error = value
             else:
                 error = value
     finally:
@@ -443,6 +473,8 @@ def _run_processes(store: BlockStore, make_block: BlockFn, todo: list[int], work
             prog.close()
     if os_error is not None:
         raise _io_error(store, *os_error)
+    if remote is not None:
+        raise _resumable(remote)
     if error is not None:
         raise ShardsetError(f"writing {store.where} failed: {error}; rerun to resume")
 

@@ -144,6 +144,7 @@ SCRIPTS = {
     "bench_scale": ["--quick", "--sizes", "0.005", "--big-gb", "100"],
     "bench_slices": ["--quick", "--rows", "8192", "--block-rows", "512", "--read-gib", "0.01"],
     "bench_permutation": ["--quick"],
+    "bench_s3": ["--quick", "--s3-mib", "4", "--block-mib", "1", "--prefetch", "1", "--parts", "1", "--dask-mib", "4"],
     "soak": ["--quick", "--rows", "20000", "--blocks", "4", "--epochs", "3", "--workers", "2", "--warmup", "1"],
     "convergence": ["--quick", "--rows", "4096", "--block-rows", "512", "--seeds", "1", "--epochs", "1"],
     "shuffle_quality": ["--quick", "--rows", "8192", "--block-rows", "512", "--read-mib", "4", "--read-block-mib", "1",

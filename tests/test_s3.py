@@ -7,6 +7,7 @@ some tests pass them as ``storage_options`` / ``--storage-option`` instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -149,9 +150,10 @@ def test_ranged_reads_assemble_each_block_exactly(s3_url, monkeypatch):
         np.testing.assert_array_equal(got, arrays["X"][b * 300 : (b + 1) * 300])
 
 
+@pytest.mark.parametrize("part", [500, None], ids=["ranges", "streamed"])
 @pytest.mark.parametrize("fault, match", [("delete", "is missing"), ("truncate", "has 1203 bytes, expected 1204"),
                                           ("extend", "has 1205 bytes"), ("flip", "crc32c")])
-def test_damaged_objects_are_named(s3_url, monkeypatch, fault, match):
+def test_damaged_objects_are_named(s3_url, monkeypatch, fault, match, part):
     shardset.write(s3_url, id_arrays(1000, features=1), block_rows=300, progress=False)
     store = BlockStore.open(s3_url, mode="r+")
     kv, key = store.group.store, store.chunk_key("X", 1)
@@ -162,9 +164,24 @@ def test_damaged_objects_are_named(s3_url, monkeypatch, fault, match):
     else:
         bad = {"truncate": raw[:-1], "extend": raw + b"\0", "flip": bytes([raw[0] ^ 1]) + raw[1:]}[fault]
         sync(kv.set(key, proto.from_bytes(bad)))
-    monkeypatch.setattr(BlockStore, "read_part_bytes", 500)
+    if part is not None:
+        monkeypatch.setattr(BlockStore, "read_part_bytes", part)
     with pytest.raises(CorruptBlockError, match=match):
         BlockStore.open(s3_url).read_block("X", 1)
+
+
+def test_streamed_chunk_is_checked_across_its_pieces(s3_url):
+    arrays = id_arrays(150_000, features=5)  # 3 MB chunks: several pieces of a streamed GET
+    shardset.write(s3_url, arrays, block_rows=150_000, progress=False)
+    store = BlockStore.open(s3_url, mode="r+")
+    assert store.block_nbytes("X") > 2 * shardset.store.STREAM_PIECE
+    np.testing.assert_array_equal(store.read_block("X", 0, store.new_buffer("X")), arrays["X"])
+    kv, key = store.group.store, store.chunk_key("X", 0)
+    raw = bytearray(sync(kv.get(key, default_buffer_prototype())).to_bytes())
+    raw[2_000_001] ^= 1  # in a later piece than the first
+    sync(kv.set(key, default_buffer_prototype().buffer.from_bytes(bytes(raw))))
+    with pytest.raises(CorruptBlockError, match="fails its crc32c"):
+        store.read_block("X", 0)
 
 
 # -- resume --------------------------------------------------------------------------
@@ -350,6 +367,39 @@ def test_cli_shuffle_and_quality_through_s3(s3_server, s3_url, tmp_path, capsys)
 def test_shuffle_refuses_storage_options_for_local_stores(tmp_path):
     with pytest.raises(StoreURLError, match="apply to object stores"):
         shardset.shuffle_store(tmp_path / "a.zarr", tmp_path / "b.zarr", storage_options={"region": "x"})
+
+
+def test_write_shuffled_takes_storage_options(s3_server, s3_url, tmp_path):
+    opts = {"endpoint": s3_server}
+    data = id_arrays(300)
+    shardset.write(tmp_path / "here.zarr", data, block_rows=64, shuffle=True, seed=3, progress=False)
+    here = BlockStore.open(tmp_path / "here.zarr")
+    shardset.write(s3_url, data, block_rows=64, shuffle=True, seed=3, progress=False, storage_options=opts)
+    _same_blocks(BlockStore.open(s3_url, storage_options=opts), here)
+    batches = ({k: v[a : a + 70] for k, v in data.items()} for a in range(0, 300, 70))
+    url = s3_url.replace("data.zarr", "batches.zarr")
+    shardset.write(url, batches, rows=300, block_rows=64, shuffle=True, seed=3, progress=False, storage_options=opts)
+    _same_blocks(BlockStore.open(url, storage_options=opts), here)
+
+
+def test_writes_to_a_server_that_goes_away_are_a_typed_error(tmp_path):
+    with contextlib.ExitStack() as server:
+        endpoint = server.enter_context(local_s3_server("going-away", log=tmp_path / "moto.log"))
+        data = id_arrays(400)
+
+        def batches():
+            for a in range(0, 400, 100):
+                if a == 200:
+                    server.close()  # the server goes away after two blocks
+                yield {k: v[a : a + 100] for k, v in data.items()}
+
+        # a new connection is refused; one kept alive from before is reset or closed under its request
+        causes = {"connection refused": 111, "connection reset by peer": 104, "the server closed the connection": None}
+        with pytest.raises(StoreIOError, match=rf"^writing s3://going-away/ids.zarr failed: ({'|'.join(causes)}) "
+                                               r"\(.*the finished blocks are kept: fix the cause and rerun to resume$") as exc:
+            shardset.write("s3://going-away/ids.zarr", batches(), rows=400, block_rows=100, progress=False,
+                           storage_options={**FAST_FAIL, "endpoint": endpoint})
+    assert exc.value.errno == causes[str(exc.value).split("failed: ")[1].split(" (")[0]]
 
 
 # -- one writer per object-store store --------------------------------------------------
