@@ -5,6 +5,7 @@ Run from the repository root::
     python -m benchmarks.shuffle_quality            # shuffles 1 and 4 GiB: ~10 minutes on 2 idle cores
     python -m benchmarks.shuffle_quality --shuffle-mib 1024,4096,12288   # the size series in the docs
     python -m benchmarks.shuffle_quality --quick    # smoke run
+    python -m benchmarks.shuffle_quality --only write-shuffle --shuffle-mib 1024,4096 --memory-limit-mib 2048
 
 Three parts:
 
@@ -25,25 +26,34 @@ Three parts:
    written and fsynced (:func:`benchmarks.common.fsync_write_bandwidth`), the two
    alternating round by round.  The peak RSS of its largest process over a fresh
    interpreter's is checked against ``shuffle_rss_budget`` (a formula of the
-   block size) at every size in ``--shuffle-mib``: flat in the size and under the
-   budget is the evidence for data larger than RAM, which this disk cannot hold
-   three copies of.  Sizes whose source, output and buckets would not fit in the
-   free disk less 5 GB are skipped.
+   block size) at every size in ``--shuffle-mib``.  Also: CPU-seconds per GB,
+   the scatter's and the gather's share of the time, and the bytes the shuffle's
+   processes wrote to and read from the disk per byte of data (``/proc/PID/io``:
+   bucket pages deleted before the kernel wrote them out are not counted).
+   ``--memory-limit-mib M`` runs each shuffle in a memory cgroup of ``M`` MiB
+   (its page cache included), so that a store larger than ``M`` is larger than
+   the memory the shuffle may use: the buckets cannot stay in the page cache
+   and go to the disk, as they would for a store larger than RAM (this disk
+   cannot hold the three copies of one).  Sizes whose source, output and buckets
+   would not fit in the free disk less 5 GB are skipped.
 
+``--only`` runs some of the parts (e.g. ``--only write-shuffle``).
 Results: ``benchmarks/results/<name>.json`` and ``benchmarks/plots/<name>.png``
-(default name ``shuffle_quality``).
+(default name ``shuffle_quality``; ``write_shuffle`` for ``--only write-shuffle``).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import contextlib
+import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -57,12 +67,43 @@ from .convergence import make_data, write_stores
 WINDOWS = (1, 2, 4, 8)
 METRICS = ("batch_tv", "vif", "effective_batch", "drift_tv", "rank_correlation", "adjacent_same_batch")
 
+PARTS = ("quality", "throughput", "write-shuffle")
+
+# One shuffle_store run, timed inside the child (its interpreter start is not the shuffle's).
+# write_blocks is wrapped only to note when the scatter ended and the gather began; /proc/self/io
+# counts this process and the scatter and gather processes it waited for.
 _SHUFFLE_CHILD = """
-import sys, time
-from shardset.shuffle import shuffle_store
-t0 = time.perf_counter()
-shuffle_store(sys.argv[1], sys.argv[2], seed=1, progress=False)
-print(time.perf_counter() - t0)
+import json, os, resource, sys, time
+if sys.argv[3]:
+    with open(sys.argv[3], "w") as f:  # into the memory cgroup before any work
+        f.write(str(os.getpid()))
+import shardset.shuffle as shuffle
+
+def io():
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(":") for line in f)}
+
+def cpu():
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + b.ru_utime + a.ru_stime + b.ru_stime
+
+marks = {}
+gather = shuffle.write_blocks
+
+def timed_gather(*args, **kwargs):
+    marks.setdefault("scatter_end", (time.perf_counter(), cpu()))
+    return gather(*args, **kwargs)
+
+shuffle.write_blocks = timed_gather
+t0, c0, io0 = time.perf_counter(), cpu(), io()
+shuffle.shuffle_store(sys.argv[1], sys.argv[2], seed=1, progress=False)
+t1, c1, io1 = time.perf_counter(), cpu(), io()
+t_s, c_s = marks["scatter_end"]
+print(json.dumps({"seconds": t1 - t0, "scatter_s": t_s - t0, "gather_s": t1 - t_s, "cpu_s": c1 - c0,
+                  "scatter_cpu_s": c_s - c0, "gather_cpu_s": c1 - c_s,
+                  "disk_write_bytes": io1["write_bytes"] - io0["write_bytes"]
+                  - (io1["cancelled_write_bytes"] - io0["cancelled_write_bytes"]),
+                  "disk_read_bytes": io1["read_bytes"] - io0["read_bytes"]}))
 """
 
 
@@ -77,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shuffle-mib", default="1024,4096",
                    help="store sizes (MiB, comma-separated) for the write-time shuffle, e.g. 1024,4096,12288")
     p.add_argument("--shuffle-block-mib", type=int, default=32)
+    p.add_argument("--memory-limit-mib", type=int, default=None,
+                   help="run each shuffle in a memory cgroup of this many MiB, page cache included")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run, of {', '.join(PARTS)}")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--name", default=None)
@@ -85,7 +129,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.rows, args.block_rows, args.read_mib, args.read_block_mib = 1 << 16, 1 << 10, 64, 4
         args.shuffle_mib, args.shuffle_block_mib = "32,64", 4
-    args.name = args.name or ("shuffle_quality_quick" if args.quick else "shuffle_quality")
+    args.only = [part.strip() for part in args.only.split(",") if part.strip()]
+    if not args.only or set(args.only) - set(PARTS):
+        p.error(f"--only takes parts of {', '.join(PARTS)}, got {args.only}")
+    default = "write_shuffle" if args.only == ["write-shuffle"] else "shuffle_quality"
+    args.name = args.name or (f"{default}_quick" if args.quick else default)
     return args
 
 
@@ -153,6 +201,34 @@ def throughput(args, root: Path) -> dict[str, Any]:
 # -- 3. write-time shuffle -------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def memory_cgroup(limit_bytes: int | None) -> Iterator[dict[str, Any] | None]:
+    """A fresh memory cgroup limited to ``limit_bytes`` (cgroup v1 or v2; page cache included),
+    removed afterwards; yields ``{"procs": file a process writes its pid to, "peak": file of the
+    peak usage, "limit_bytes"}``, or None when ``limit_bytes`` is None."""
+    if limit_bytes is None:
+        yield None
+        return
+    name = f"shardset-bench-{os.getpid()}"
+    v1 = Path("/sys/fs/cgroup/memory")
+    root, limit, peak = ((v1 / name, "memory.limit_in_bytes", "memory.max_usage_in_bytes") if v1.is_dir()
+                         else (Path("/sys/fs/cgroup") / name, "memory.max", "memory.peak"))
+    try:
+        root.mkdir()
+        (root / limit).write_text(str(limit_bytes))
+    except OSError as exc:
+        raise SystemExit(f"--memory-limit-mib needs a memory cgroup this user may create ({root}): {exc}") from None
+    try:
+        yield {"procs": str(root / "cgroup.procs"), "peak": root / peak, "limit_bytes": limit_bytes}
+    finally:
+        for _ in range(50):  # the last process may take a moment to leave
+            try:
+                root.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
 def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]]:
     import psutil
 
@@ -162,6 +238,7 @@ def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]
     block_rows = args.shuffle_block_mib * common.MiB // row_bytes
     block_bytes = block_rows * row_bytes
     ram = psutil.virtual_memory().total
+    limit = None if args.memory_limit_mib is None else args.memory_limit_mib * common.MiB
     out = []
     for mib in (int(s) for s in args.shuffle_mib.split(",")):
         rows = mib * common.MiB // row_bytes
@@ -174,24 +251,24 @@ def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]
         shardset.generate_regression(src, rows=rows, features=16, block_rows=block_rows, workers=1, progress=False)
         layout = shardset.BlockStore.open(src).layout
         budget = shuffle_rss_budget(layout, layout)  # the output keeps the input's blocks
-        shuffle_s, rss, disk, resident, cpu, other = [], [], [], [], [], []
+        runs, rss, disk, resident, other, cgroup_peak = [], [], [], [], [], []
 
         def measure_disk() -> None:
             disk.append(common.fsync_write_bandwidth(root, rows * row_bytes, file_bytes=block_bytes)["gb_per_s"])
 
         def measure_shuffle() -> None:
             resident.append(common.evict_verified(common.tree_files(src))["resident_after"])
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            proc = subprocess.Popen([sys.executable, "-c", _SHUFFLE_CHILD, str(src), str(dst)], cwd=common.REPO_ROOT,
-                                    stdout=subprocess.PIPE, text=True)
-            with common.RssSampler(proc.pid, interval=0.02) as sampler, common.CpuLoad() as load:
-                seconds, _ = proc.communicate()
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and every process it waited for
-            cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+            with memory_cgroup(limit) as cg:
+                proc = subprocess.Popen([sys.executable, "-c", _SHUFFLE_CHILD, str(src), str(dst), cg["procs"] if cg else ""],
+                                        cwd=common.REPO_ROOT, stdout=subprocess.PIPE, text=True)
+                with common.RssSampler(proc.pid, interval=0.02) as sampler, common.CpuLoad() as load:
+                    report, _ = proc.communicate()
+                if cg:
+                    cgroup_peak.append(int(cg["peak"].read_text()))
             other.append(load.result()["other_busy_cores"])
             if proc.returncode != 0:
                 raise SystemExit(f"shuffle_store failed with exit code {proc.returncode}")
-            shuffle_s.append(float(seconds))  # timed inside the child: its interpreter start is not the shuffle's
+            runs.append(json.loads(report))
             # anonymous RSS: a forked worker's plain RSS leaves out the library pages it never
             # touched, which would hide part of what it allocated
             rss.append(sampler.result()["max_anon"] - baseline_anon)
@@ -200,25 +277,36 @@ def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]
         for r in range(args.repeats):
             for step in (measure_disk, measure_shuffle) if r % 2 == 0 else (measure_shuffle, measure_disk):
                 step()
-        gbs = [rows * row_bytes / s / common.GB for s in shuffle_s]
+        data = rows * row_bytes
+        gbs = [data / run["seconds"] / common.GB for run in runs]
         rec = {
             "mib": mib, "rows": rows, "block_rows": block_rows, "block_bytes": block_bytes, "blocks": layout.num_blocks,
-            "larger_than_ram": rows * row_bytes > ram,
+            "larger_than_ram": data > ram, "memory_limit_bytes": limit,
+            "larger_than_memory_limit": limit is not None and data > limit,
             "shuffle_gb_per_s": summarize(gbs), "disk_write_gb_per_s": summarize(disk),
             "shuffle_over_disk": ratio_summary(gbs, disk),
+            "scatter_share_of_time": summarize(run["scatter_s"] / run["seconds"] for run in runs),
             "peak_rss_bytes_over_baseline": summarize(rss),
             "peak_rss_blocks_over_baseline": summarize(v / block_bytes for v in rss),
             "rss_budget_bytes": budget, "peak_rss_over_budget": summarize(v / budget for v in rss),
+            "cgroup_peak_bytes": summarize(cgroup_peak) if cgroup_peak else None,
             "input_resident_after_evict": summarize(resident),
-            # CPU of the whole process tree (interpreter start included) per GB: how fast 2 idle
-            # cores could go, whatever the disk; and how many cores other programs kept busy meanwhile
-            "shuffle_cpu_s_per_gb": summarize(c / (rows * row_bytes / common.GB) for c in cpu),
+            # CPU of the shuffle's processes per GB: how fast 2 idle cores could go, whatever the disk
+            "shuffle_cpu_s_per_gb": summarize(run["cpu_s"] / (data / common.GB) for run in runs),
+            "scatter_cpu_s_per_gb": summarize(run["scatter_cpu_s"] / (data / common.GB) for run in runs),
+            "gather_cpu_s_per_gb": summarize(run["gather_cpu_s"] / (data / common.GB) for run in runs),
+            # bytes that reached (or were queued for) the disk per byte of data: 1 is the output alone
+            "disk_written_per_byte": summarize(run["disk_write_bytes"] / data for run in runs),
+            "disk_read_per_byte": summarize(run["disk_read_bytes"] / data for run in runs),
             "other_busy_cores_during_shuffle": summarize(other),
+            "runs": runs,
         }
         out.append(rec)
         print(f"shuffle {mib} MiB: {fmt(rec['shuffle_gb_per_s'])} GB/s, disk {fmt(rec['disk_write_gb_per_s'])} GB/s, "
+              f"ratio {fmt_ratio(rec['shuffle_over_disk'])}, "
               f"peak RSS {fmt(rec['peak_rss_bytes_over_baseline'], 1 / common.MiB, digits=0)} MiB "
               f"(budget {budget / common.MiB:.0f} MiB), {fmt(rec['shuffle_cpu_s_per_gb'], digits=1)} CPU-s/GB, "
+              f"written {fmt(rec['disk_written_per_byte'])} B/B, read {fmt(rec['disk_read_per_byte'])} B/B, "
               f"other programs busy {fmt(rec['other_busy_cores_during_shuffle'], digits=1)} cores", flush=True)
         shutil.rmtree(src)
     if not out:
@@ -235,61 +323,81 @@ def main(argv=None) -> dict[str, Any]:
         print(f"machine: {common.describe_machine_line(desc)}", flush=True)
         base = common.baseline_rss()
         with common.CpuLoad() as load:
-            q = quality(args, root)
-            t = throughput(args, root)
-            s = write_shuffle(args, root, base["anon_rss_bytes"]["median"])
+            q = quality(args, root) if "quality" in args.only else None
+            t = throughput(args, root) if "throughput" in args.only else None
+            s = write_shuffle(args, root, base["anon_rss_bytes"]["median"]) if "write-shuffle" in args.only else None
     b = args.batch_size
-    ws, uni = q["write shuffle + W = 1"], q["W = 1"]["uniform"]["batch_tv"]["median"]
-    best_w8 = q["W = 8"]["reader"]["effective_batch"]["median"]
-    vif_worst = max((q[f"W = {w}"]["vif_vs_formula"] for w in WINDOWS), key=lambda v: abs(v - 1))
-    targets = [
-        ("write shuffle + W=1: batch TV / uniform's (<= 2)", ws["reader"]["batch_tv"]["median"] / uni,
-         verdict(ws["reader"]["batch_tv"]["median"] / uni, 2.0, higher_is_better=False)),
-        ("W=8 (8-block budget): effective batch / b (>= 0.5)", best_w8 / b, verdict(best_w8 / b, 0.5)),
-        ("measured VIF / formula, worst of W=1..8 (within 10%)", vif_worst, "MET" if abs(vif_worst - 1) <= 0.1 else "MISSED"),
-        ("read W=8 / W=1 (>= 0.90)", t["w8_over_w1"]["median"], verdict(t["w8_over_w1"]["median"], 0.9)),
-        ("write-time shuffle / durable sequential write, worst size (>= 0.30)",
-         min(r["shuffle_over_disk"]["median"] for r in s), verdict(min(r["shuffle_over_disk"]["median"] for r in s), 0.3)),
-        ("write-time shuffle: peak RSS / budget, worst run of every size (<= 1)",
-         max(r["peak_rss_over_budget"]["max"] for r in s),
-         verdict(max(r["peak_rss_over_budget"]["max"] for r in s), 1.0, higher_is_better=False)),
-    ]
+    targets = []
+    if q is not None:
+        ws, uni = q["write shuffle + W = 1"], q["W = 1"]["uniform"]["batch_tv"]["median"]
+        best_w8 = q["W = 8"]["reader"]["effective_batch"]["median"]
+        vif_worst = max((q[f"W = {w}"]["vif_vs_formula"] for w in WINDOWS), key=lambda v: abs(v - 1))
+        targets += [
+            ("write shuffle + W=1: batch TV / uniform's (<= 2)", ws["reader"]["batch_tv"]["median"] / uni,
+             verdict(ws["reader"]["batch_tv"]["median"] / uni, 2.0, higher_is_better=False)),
+            ("W=8 (8-block budget): effective batch / b (>= 0.5)", best_w8 / b, verdict(best_w8 / b, 0.5)),
+            ("measured VIF / formula, worst of W=1..8 (within 10%)", vif_worst,
+             "MET" if abs(vif_worst - 1) <= 0.1 else "MISSED"),
+        ]
+    if t is not None:
+        targets.append(("read W=8 / W=1 (>= 0.90)", t["w8_over_w1"]["median"], verdict(t["w8_over_w1"]["median"], 0.9)))
+    if s is not None:
+        worst_ratio = min(r["shuffle_over_disk"]["median"] for r in s)
+        worst_rss = max(r["peak_rss_over_budget"]["max"] for r in s)
+        targets += [
+            ("write-time shuffle / durable sequential write, worst size (>= 0.30)", worst_ratio,
+             verdict(worst_ratio, 0.3)),
+            ("write-time shuffle: peak RSS / budget, worst run of every size (<= 1)", worst_rss,
+             verdict(worst_rss, 1.0, higher_is_better=False)),
+        ]
     result = {
         "machine": desc, "other_load": load.result(), "baseline_rss": base,
         "settings": {k: getattr(args, k) for k in ("rows", "block_rows", "batch_size", "repeats", "read_mib",
-                                                     "read_block_mib", "shuffle_mib", "shuffle_block_mib")},
+                                                     "read_block_mib", "shuffle_mib", "shuffle_block_mib",
+                                                     "memory_limit_mib", "only")},
         "quality": q, "throughput": t, "write_shuffle": s,
         "targets": {k: {"value": v, "verdict": ok} for k, v, ok in targets},
     }
-    rows = []
-    for name, r in q.items():
-        g = r["reader"]
-        rows.append((name, fmt(g["batch_tv"], digits=3), fmt(g["vif"], digits=1), f"{r['predicted_vif']:.1f}",
-                     fmt(g["effective_batch"], digits=1), fmt(g["drift_tv"], digits=3), fmt(g["rank_correlation"], digits=3),
-                     f"{g['adjacent_same_batch']['median']:.2g} / {r['adjacent_same_batch_uniform']:.2g}"))
-    u = q["W = 1"]["uniform"]
-    rows.append(("uniform shuffle", fmt(u["batch_tv"], digits=3), fmt(u["vif"], digits=2), "1.0",
-                 fmt(u["effective_batch"], digits=1), fmt(u["drift_tv"], digits=3), fmt(u["rank_correlation"], digits=3),
-                 f"{u['adjacent_same_batch']['median']:.2g}"))
-    result["table"] = print_table(
-        ["order", "batch TV", "VIF", "1+rho(b-1)/W", "b/VIF", "drift TV", "rank corr", "P(adjacent same batch) / uniform"],
-        rows, title=f"y-sorted store, {args.rows:,} rows in {args.rows // args.block_rows} blocks of {args.block_rows:,}, "
-                    f"batch {b}, label = decile of y, rho = {q['W = 1']['rho']:.3f}; median [min-max] of {args.repeats} epochs",
-    )
-    print_table(["read", "rows/s"], [(k, fmt(v, 1e-6) + " M") for k, v in t["rows_per_s"].items()]
-                + [("W=8 / W=1", fmt_ratio(t["w8_over_w1"]))],
-                title=f"ShardedDataset, {t['blocks']} blocks of {t['block_rows']:,} rows (d=16), batch {b}, warm cache")
-    result["write_shuffle_table"] = print_table(
-        ["store", "shuffle GB/s", "block files+fsync GB/s", "ratio", "peak anon RSS MiB", "budget MiB", "RSS / budget",
-         "CPU-s / GB", "other load (cores)"],
-        [(f"{r['mib'] / 1024:g} GiB, {r['blocks']} blocks", fmt(r["shuffle_gb_per_s"]), fmt(r["disk_write_gb_per_s"]),
-          fmt_ratio(r["shuffle_over_disk"]), fmt(r["peak_rss_bytes_over_baseline"], 1 / common.MiB, digits=0),
-          f"{r['rss_budget_bytes'] / common.MiB:.0f}", fmt(r["peak_rss_over_budget"]), fmt(r["shuffle_cpu_s_per_gb"], digits=1),
-          fmt(r["other_busy_cores_during_shuffle"], digits=1)) for r in s],
-        title=f"write-time shuffle (shuffle_store, both passes on all cores, input evicted), blocks of "
-              f"{args.shuffle_block_mib} MiB = B, R = B / 68 rows; peak anonymous RSS of the largest process over a "
-              f"fresh interpreter's; budget max(2 B + 32 R, 3 B + 12 R) per process; RAM {desc['ram_total_gib']} GiB",
-    )
+    if q is not None:
+        rows = []
+        for name, r in q.items():
+            g = r["reader"]
+            rows.append((name, fmt(g["batch_tv"], digits=3), fmt(g["vif"], digits=1), f"{r['predicted_vif']:.1f}",
+                         fmt(g["effective_batch"], digits=1), fmt(g["drift_tv"], digits=3),
+                         fmt(g["rank_correlation"], digits=3),
+                         f"{g['adjacent_same_batch']['median']:.2g} / {r['adjacent_same_batch_uniform']:.2g}"))
+        u = q["W = 1"]["uniform"]
+        rows.append(("uniform shuffle", fmt(u["batch_tv"], digits=3), fmt(u["vif"], digits=2), "1.0",
+                     fmt(u["effective_batch"], digits=1), fmt(u["drift_tv"], digits=3), fmt(u["rank_correlation"], digits=3),
+                     f"{u['adjacent_same_batch']['median']:.2g}"))
+        result["table"] = print_table(
+            ["order", "batch TV", "VIF", "1+rho(b-1)/W", "b/VIF", "drift TV", "rank corr", "P(adjacent same batch) / uniform"],
+            rows, title=f"y-sorted store, {args.rows:,} rows in {args.rows // args.block_rows} blocks of "
+                        f"{args.block_rows:,}, batch {b}, label = decile of y, rho = {q['W = 1']['rho']:.3f}; "
+                        f"median [min-max] of {args.repeats} epochs",
+        )
+    if t is not None:
+        print_table(["read", "rows/s"], [(k, fmt(v, 1e-6) + " M") for k, v in t["rows_per_s"].items()]
+                    + [("W=8 / W=1", fmt_ratio(t["w8_over_w1"]))],
+                    title=f"ShardedDataset, {t['blocks']} blocks of {t['block_rows']:,} rows (d=16), batch {b}, warm cache")
+    if s is not None:
+        limit = "" if args.memory_limit_mib is None else f", each shuffle in a memory cgroup of {args.memory_limit_mib} MiB"
+        result["write_shuffle_table"] = print_table(
+            ["store", "shuffle GB/s", "block files+fsync GB/s", "ratio", "scatter share", "peak anon RSS MiB",
+             "budget MiB", "CPU-s / GB", "disk written / read per byte", "other load (cores)"],
+            [(f"{r['mib'] / 1024:g} GiB, {r['blocks']} blocks", fmt(r["shuffle_gb_per_s"]), fmt(r["disk_write_gb_per_s"]),
+              fmt_ratio(r["shuffle_over_disk"]), fmt(r["scatter_share_of_time"]),
+              fmt(r["peak_rss_bytes_over_baseline"], 1 / common.MiB, digits=0), f"{r['rss_budget_bytes'] / common.MiB:.0f}",
+              fmt(r["shuffle_cpu_s_per_gb"], digits=1),
+              f"{r['disk_written_per_byte']['median']:.2f} / {r['disk_read_per_byte']['median']:.2f}",
+              fmt(r["other_busy_cores_during_shuffle"], digits=1)) for r in s],
+            title=f"write-time shuffle (shuffle_store, both passes on all cores, input evicted), blocks of "
+                  f"{args.shuffle_block_mib} MiB = B, R = B / 68 rows; peak anonymous RSS of the largest process over a "
+                  f"fresh interpreter's; budget max(2 B + 26 R, 3 B + 12 R + min(B, 4 MiB)) + 8 MiB per process "
+                  f"(shuffle_rss_budget; the third B: the writer's padded copy of a short last block); "
+                  f"RAM {desc['ram_total_gib']} GiB"
+                  f"{limit}",
+        )
     print_table(["target", "value", "verdict"], [(k, f"{v['value']:.3g}", v["verdict"]) for k, v in result["targets"].items()])
     return common.finish(args, result, plot, started)
 
@@ -300,9 +408,19 @@ def plot(args, result: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    q = result["quality"]
-    b = result["settings"]["batch_size"]
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 4.5))
+    q, s = result["quality"], result["write_shuffle"]
+    panels = (2 if q is not None else 0) + (1 if s is not None else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5.7 * panels, 4.5), squeeze=False)
+    if q is not None:
+        _plot_quality(q, result["settings"]["batch_size"], *axes[0][:2])
+    if s is not None:
+        _plot_write_shuffle(s, axes[0][-1])
+    fig.suptitle("Shuffle quality on a y-sorted store (label = decile of y); write-time shuffle vs size"
+                 if q is not None else "Write-time shuffle vs store size")
+    common.save_plot(fig, args.name, dpi=120)
+
+
+def _plot_quality(q: dict[str, Any], b: int, a1, a2) -> None:
     ws = np.array(WINDOWS)
     measured = [q[f"W = {w}"]["reader"]["vif"] for w in WINDOWS]
     med, lo, hi = zip(*(common.errbar(m) for m in measured))
@@ -323,7 +441,9 @@ def plot(args, result: dict[str, Any]) -> None:
     a2.set_ylabel("mean batch label TV")
     a2.set_yscale("log")
     a2.legend(fontsize=7)
-    s = result["write_shuffle"]
+
+
+def _plot_write_shuffle(s: list[dict[str, Any]], a3) -> None:
     gib = [r["mib"] / 1024 for r in s]
     for key, label in (("shuffle_gb_per_s", "shuffle_store"), ("disk_write_gb_per_s", "block files written + fsynced")):
         med, lo, hi = zip(*(common.errbar(r[key]) for r in s))
@@ -336,13 +456,11 @@ def plot(args, result: dict[str, Any]) -> None:
     r3 = a3.twinx()
     med, lo, hi = zip(*(common.errbar(r["peak_rss_bytes_over_baseline"], 1 / common.MiB) for r in s))
     r3.errorbar(gib, med, yerr=[lo, hi], fmt="s--", color="tab:red", capsize=3, label="peak RSS over interpreter")
-    r3.plot(gib, [r["rss_budget_bytes"] / common.MiB for r in s], ":", color="tab:red", label="RSS budget")
+    r3.plot(gib, [r["rss_budget_bytes"] / common.MiB for r in s], ":_", color="tab:red", markersize=14, label="RSS budget")
     r3.set_ylabel("MiB per process")
     r3.set_ylim(0, 1.25 * max(r["rss_budget_bytes"] for r in s) / common.MiB)
     r3.legend(fontsize=8, loc="lower right")
     a3.set_title("write-time shuffle", fontsize=10)
-    fig.suptitle("Shuffle quality on a y-sorted store (label = decile of y); write-time shuffle vs size")
-    common.save_plot(fig, args.name, dpi=120)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,21 @@ It is a two-pass bucket scatter that never holds more than a few blocks
 (:func:`shuffle_rss_budget`), whatever the size of the data:
 
 1. *scatter*: read the input a block at a time in order, compute every row's
-   destination, sort the rows by destination block and append each run to
-   that block's bucket (one file of offsets inside the block, one file per
-   field).  The buckets are fsynced and a marker file records the parameters.
-2. *gather*: for each destination block, load its bucket, put every row at its
-   offset (one ``np.put`` per field) and write the block through
-   :func:`shardset.write_blocks`, with its durability and completion records.
+   destination, sort the rows by destination block and append each run (its
+   offsets inside the block and its values, one ``writev``) to that block's
+   bucket file.  The buckets are not fsynced: a marker file records the
+   parameters and every bucket file's size and crc32c.
+2. *gather*: for each destination block, read its bucket, checking it against
+   the marker, put every row at its offset (``np.put`` per run and field) and
+   write the block through :func:`shardset.write_blocks`, with its durability
+   and completion records; the buckets of blocks already durable are deleted.
 
 Disk: the buckets take as much space as the data, next to the output (or in
-``tmp_dir``) until the output is complete.  An interrupted run is resumed by
-running it again: once the marker exists only missing output blocks are
-written; an interrupted scatter starts over.
+``tmp_dir``) until the output is complete; data that fits the page cache
+never writes them to the disk.  An interrupted run is resumed by running it
+again: once the marker exists only missing output blocks are written; an
+interrupted scatter starts over, and so does a resumed gather that finds a
+bucket the crash kept from the disk.
 
 Example:
     >>> import numpy as np, tempfile, os
@@ -50,13 +54,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+from crc32c import crc32c
 from tqdm import tqdm
 
 from .errors import ArgumentError, ShardsetError, StoreFormatError, StoreURLError
 from .format import DEFAULT_BLOCK_MB, Layout, check_int
 from .lock import locked
 from .permutation import FeistelPermutation
-from .store import BlockStore, _fsync_file
+from .store import BlockStore, _writev_all
 from .urls import REMOTE_SCHEMES, parse_url, worker_start_method
 from .writer import _die_with_parent, _resolve_workers, layout_for, open_for_writing, write_blocks
 
@@ -65,6 +70,13 @@ __all__ = ["SHUFFLE_NAME", "shuffle_store", "write_shuffled", "shuffled_position
 SHUFFLE_NAME = "shardset.shuffle/1"
 SHUFFLE_DOMAIN = "write-shuffle"
 _MARKER = "scattered.json"
+_PIECE = 4 << 20  # bytes of one field's values a gather reads at a time
+_INDEX_PIECE = 1 << 16  # rows whose destinations a scatter computes at a time
+_OWN_BYTES = 8 << 20  # what a shuffle process holds besides blocks and per-row indices (see shuffle_rss_budget)
+
+
+class _Torn(Exception):
+    """A bucket file differs from what the scatter recorded."""
 
 
 def shuffled_position(rows: int, seed: int) -> FeistelPermutation:
@@ -81,21 +93,29 @@ def shuffle_rss_budget(src: Layout, dst: Layout) -> int:
     """Bytes of memory one process of :func:`shuffle_store` holds, at most, beyond the interpreter's own.
 
     With ``B = block_rows * row_bytes`` and ``R = block_rows`` of the input (``src``)
-    and output (``dst``) layouts, the budget is ``max(2 B_in + 32 R_in, 3 B_out + 12 R_out)``:
-    a scatter process holds one input block, its rows sorted by destination and at
-    most 32 bytes of indices per row; a gather process two output blocks (one being
-    filled, one being written), one field of the block's bucket and 12 bytes of
-    offsets per row.  Nothing depends on the number of rows, so data larger than
-    RAM shuffles in the same memory; ``workers`` processes hold ``workers`` times
-    this.  For uncompressed stores (a codec adds its own buffers).
+    and output (``dst``) layouts, the budget is
+    ``max(2 B_in + 26 R_in, K B_out + 12 R_out + min(B_out, 4 MiB)) + 8 MiB``:
+    a scatter process holds one input block, the same rows sorted by destination,
+    and 26 bytes of indices per row (a 2-byte block key, a 4-byte offset and its
+    sorted copy, the sort's 8-byte order and its 8-byte work array); a gather
+    process two output blocks (one being filled, one being written), one run of
+    a bucket's offsets (at most 12 bytes a row) and at most 4 MiB of its values,
+    and ``K = 3`` where the output's last block is short: the writer pads it to a
+    whole block in a copy (``K = 2`` otherwise).  The 8 MiB are the rest:
+    destinations computed 65,536 rows at a time, open stores, the process pool.
+    Nothing depends on the number of rows, so data larger than RAM shuffles in
+    the same memory; ``workers`` processes hold ``workers`` times this.  For
+    uncompressed stores (a codec adds its own buffers).
 
     >>> from shardset.format import FieldSpec
     >>> lay = Layout(10**9, 1000, {"x": FieldSpec("float32", (16,))})
-    >>> shuffle_rss_budget(lay, lay)  # 3 blocks of 64,000 bytes + 12,000
-    204000
+    >>> shuffle_rss_budget(lay, lay)  # 2 blocks of 64,000 bytes + 64,000 + 12,000, + 8 MiB
+    8592608
     """
-    return max(2 * src.block_rows * src.row_bytes + 32 * src.block_rows,
-               3 * dst.block_rows * dst.row_bytes + 12 * dst.block_rows)
+    out_blocks = 2 if dst.rows % dst.block_rows == 0 else 3
+    return max(2 * src.block_rows * src.row_bytes + 26 * src.block_rows,
+               out_blocks * dst.block_rows * dst.row_bytes + 12 * dst.block_rows
+               + min(dst.block_rows * dst.row_bytes, _PIECE)) + _OWN_BYTES
 
 
 def write_shuffled(
@@ -126,7 +146,7 @@ def write_shuffled(
 
     def scatter(buckets: "_Buckets", seed: int, show: bool) -> None:
         position = shuffled_position(buckets.layout.rows, seed)
-        buckets.finish(1, buckets.scatter_part(0, _numbered(chunks), position, show))
+        buckets.finish([buckets.scatter_part(0, _numbered(chunks), position, show)])
 
     return _shuffled(path, layout, scatter, seed=seed, source=source, workers=workers, compression=compression,
                      checksum=checksum, overwrite=overwrite, progress=progress, tmp_dir=tmp_dir,
@@ -148,15 +168,23 @@ def _shuffled(path, layout: Layout, scatter: Callable[["_Buckets", int, bool], N
     store = open_for_writing(path, layout, compression=compression, checksum=checksum, overwrite=overwrite,
                              storage_options=storage_options)
     # a directory of our own, even inside tmp_dir: it is deleted whole
-    buckets = _Buckets(_bucket_dir(path, tmp_dir), layout)
+    buckets = _Buckets(_bucket_dir(path, tmp_dir), layout, path)
     if store.missing_blocks():
-        if overwrite or not buckets.ready():
-            buckets.begin()
-            scatter(buckets, seed, _show(progress))
-        store = write_blocks(
-            path, layout, buckets, workers=workers, compression=compression, checksum=checksum, progress=progress,
-            storage_options=storage_options,
-        )
+        resumed = not overwrite and buckets.ready()
+        while True:
+            if not resumed:
+                buckets.begin()
+                scatter(buckets, seed, _show(progress))
+            try:
+                store = write_blocks(
+                    path, layout, buckets, workers=workers, compression=compression, checksum=checksum,
+                    progress=progress, storage_options=storage_options,
+                )
+                break
+            except ShardsetError:
+                if not resumed or buckets.ready():
+                    raise
+                resumed = False  # a resumed gather found a bucket that a crash kept from the disk: scatter again
         store.require_complete()
     shutil.rmtree(buckets.root, ignore_errors=True)
     return store
@@ -202,11 +230,11 @@ def shuffle_store(
 
     Memory does not grow with the data, so a store larger than RAM shuffles
     like a small one: each process holds at most
-    ``max(2 B_in + 32 R_in, 3 B_out + 12 R_out)`` bytes beyond the interpreter
-    (``R`` rows and ``B = R * row_bytes`` bytes per block of the input and the
-    output, :func:`shuffle_rss_budget`), so about ``3 * workers`` blocks in all.
-    The scatter hints the next input block to the kernel while it sorts the
-    current one, and the gather drops each bucket from the page cache once read.
+    ``max(2 B_in + 26 R_in, 3 B_out + 12 R_out + min(B_out, 4 MiB)) + 8 MiB``
+    beyond the interpreter (``R`` rows and ``B = R * row_bytes`` bytes per block
+    of the input and the output; ``2 B_out`` when the output's last block is
+    whole: :func:`shuffle_rss_budget`), so about ``3 * workers`` blocks in all.  The scatter reads the input with ``O_DIRECT``
+    (it is read once: no page cache to fill and evict).
     """
     src_url, dst_url = parse_url(src), parse_url(dst)
     if (src_url.is_local and dst_url.is_local and os.path.realpath(src_url.local_path) == os.path.realpath(
@@ -226,15 +254,15 @@ def shuffle_store(
 
     def scatter(buckets: "_Buckets", seed: int, show: bool) -> None:
         if parts == 1:
-            rows = _scatter_store_part(buckets, os.fspath(src), 0, 1, seed, show, src_options)
+            done = [_scatter_store_part(buckets, os.fspath(src), 0, 1, seed, show, src_options)]
         else:  # forked, as the writer's processes are (no second import of torch), unless obstore forbids it
             method = worker_start_method(src) or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             # the scatter processes die with this one, as the writer's do: no orphan scatters on
             with ProcessPoolExecutor(parts, mp_context=mp.get_context(method), initializer=_die_with_parent) as pool:
                 jobs = [pool.submit(_scatter_store_part, buckets, os.fspath(src), k, parts, seed, False, src_options)
                         for k in range(parts)]
-                rows = sum(job.result() for job in jobs)
-        buckets.finish(parts, rows)
+                done = [job.result() for job in jobs]
+        buckets.finish(done)
 
     return _shuffled(
         dst, out, scatter, seed=seed, source=lay.generator, workers=workers, compression=compression,
@@ -244,7 +272,7 @@ def shuffle_store(
 
 
 def _scatter_store_part(buckets: "_Buckets", src: str, part: int, parts: int, seed: int, show: bool,
-                        storage_options: Mapping[str, Any] | None = None) -> int:
+                        storage_options: Mapping[str, Any] | None = None) -> tuple[int, list[list[int]]]:
     """Scatter blocks ``part, part + parts, ...`` of the store ``src`` into bucket part ``part``."""
     store = BlockStore.open(src, storage_options=storage_options)
     lay = store.layout
@@ -252,10 +280,7 @@ def _scatter_store_part(buckets: "_Buckets", src: str, part: int, parts: int, se
 
     def chunks() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         for b in range(part, lay.num_blocks, parts):
-            for name in lay.fields:  # the disk reads the next block while this one is scattered
-                if b + parts < lay.num_blocks:
-                    store.will_need(name, b + parts)
-            yield b * lay.block_rows, {name: store.read_block(name, b, bufs[name]) for name in lay.fields}
+            yield b * lay.block_rows, {name: store.read_block(name, b, bufs[name], direct=True) for name in lay.fields}
 
     return buckets.scatter_part(part, chunks(), shuffled_position(lay.rows, seed), show)
 
@@ -275,25 +300,35 @@ def _show(progress: bool | None) -> bool:
 class _Buckets:
     """Bucket files per output block; callable as a block source for :func:`shardset.write_blocks`.
 
-    Output block ``b`` has, per scatter *part* (one per scatter process), one file
-    of uint32 offsets (where each row goes inside the block: a block holds at
-    most 256 MiB of rows) and one file of rows per field, appended to in the
-    same order.  ``fill(block, out)`` lets the writer reuse its output buffers.
+    Output block ``b`` has one file per scatter *part* (one per scatter process),
+    ``<b>.<part>``: a sequence of *runs*, one per input chunk that sends rows to
+    ``b``, each written with one ``writev``: the row count (uint64), then the
+    rows' offsets inside the block (uint32: a block holds at most 256 MiB of
+    rows), then their values field by field.  The files are not fsynced: the
+    marker records each file's size and crc32c, and the gather checks every file
+    it reads against them, so a bucket that a crash kept from the disk is found
+    and the scatter redone (:meth:`fill`).  Until then the buckets may live in the
+    page cache only, and are deleted without ever being written out when the
+    data fits there.  ``fill(block, out)`` lets the writer reuse its output buffers.
     """
 
-    def __init__(self, root: Path, layout: Layout) -> None:
+    def __init__(self, root: Path, layout: Layout, output: str | os.PathLike) -> None:
         self.root, self.layout = root, layout
+        url = parse_url(output)
+        self.output = url.local_path if url.is_local else None  # the store being gathered into, if on this disk
+        self._output_store: BlockStore | None = None
         self.fields = list(layout.fields.items())
         self.parts = 1
+        self.sums: list[list[list[int]]] = []  # [part][block] = [bytes, crc32c] of each bucket file
         self.params = {
             "rows": layout.rows, "block_rows": layout.block_rows, "generator": layout.generator,
             "fields": {k: v.to_json() for k, v in layout.fields.items()},
         }
+        self._scratch = _Scratch()
+        self._filled: list[int] = []  # the blocks this process has filled, in order
 
-    def paths(self, block: int, part: int) -> list[Path]:
-        """The offsets file, then one file per field."""
-        stem = f"{block}.{part}"
-        return [self.root / f"{stem}.pos"] + [self.root / f"{stem}.{i}" for i in range(len(self.fields))]
+    def path(self, block: int, part: int) -> Path:
+        return self.root / f"{block}.{part}"
 
     def ready(self) -> bool:
         """True when a finished scatter of these very parameters is on disk."""
@@ -301,10 +336,11 @@ class _Buckets:
             marker = json.loads((self.root / _MARKER).read_text())
         except (OSError, ValueError):
             return False
-        parts = marker.pop("parts", None)
-        if marker != self.params or not isinstance(parts, int) or parts < 1:
+        parts, sums = marker.pop("parts", None), marker.pop("buckets", None)
+        if marker != self.params or not isinstance(parts, int) or parts < 1 or not isinstance(sums, list) \
+                or [len(s) for s in sums] != [self.layout.num_blocks] * parts:
             return False
-        self.parts = parts
+        self.parts, self.sums = parts, sums
         return True
 
     def begin(self) -> None:
@@ -314,36 +350,31 @@ class _Buckets:
     def scatter_part(
         self, part: int, chunks: Iterable[tuple[int, Mapping[str, np.ndarray]]], position: FeistelPermutation,
         show: bool,
-    ) -> int:
-        """Scatter ``(first row, chunk)`` pairs into bucket part ``part`` and make it durable;
-        returns the rows scattered."""
-        rows = 0
+    ) -> tuple[int, list[list[int]]]:
+        """Scatter ``(first row, chunk)`` pairs into bucket part ``part``; returns the rows
+        scattered and ``[bytes, crc32c]`` of each of the part's files, for :meth:`finish`."""
+        rows, sums, scratch = 0, [[0, 0] for _ in range(self.layout.num_blocks)], _Scratch()
         with tqdm(total=self.layout.nbytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not show,
                   desc="scattering", dynamic_ncols=True) as bar:
             for start, chunk in chunks:
-                n = self._scatter_chunk(start, chunk, position, part)
+                n = self._scatter_chunk(start, chunk, position, part, sums, scratch)
                 rows += n
                 bar.update(n * self.layout.row_bytes)
-        for block in range(self.layout.num_blocks):  # here, so that the parts' fsyncs overlap
-            for path in self.paths(block, part):
-                if path.exists():
-                    _fsync_file(path)
-        return rows
+        return rows, sums
 
-    def finish(self, parts: int, rows: int) -> None:
-        """Mark the scatter of ``parts`` durable bucket parts finished."""
+    def finish(self, parts: list[tuple[int, list[list[int]]]]) -> None:
+        """Record the scatter finished: ``parts`` are :meth:`scatter_part`'s results, in part order."""
+        rows = sum(n for n, _ in parts)
         if rows != self.layout.rows:
             raise ArgumentError(f"the input held {rows} rows, expected {self.layout.rows}")
-        _fsync_file(self.root)
+        self.parts, self.sums = len(parts), [s for _, s in parts]
         tmp = self.root / f"{_MARKER}.partial"
-        tmp.write_text(json.dumps({**self.params, "parts": parts}))
-        _fsync_file(tmp)
+        tmp.write_text(json.dumps({**self.params, "parts": self.parts, "buckets": self.sums}))
         os.replace(tmp, self.root / _MARKER)
-        _fsync_file(self.root)
-        self.parts = parts
 
     def _scatter_chunk(
-        self, start: int, chunk: Mapping[str, np.ndarray], position: FeistelPermutation, part: int
+        self, start: int, chunk: Mapping[str, np.ndarray], position: FeistelPermutation, part: int,
+        sums: list[list[int]], scratch: "_Scratch",
     ) -> int:
         lay = self.layout
         if set(chunk) != set(lay.fields):
@@ -351,58 +382,125 @@ class _Buckets:
         n = len(chunk[self.fields[0][0]])
         if start + n > lay.rows:
             raise ArgumentError(f"the input holds more than the declared {lay.rows} rows")
-        dest = position(np.arange(start, start + n, dtype=np.int64))
-        block = dest // lay.block_rows
-        # A stable sort of 16-bit keys is a radix sort in numpy: O(n) for up to 65536 blocks.
-        keys = block.astype(np.uint16) if lay.num_blocks <= 1 << 16 else block
+        # The temporaries live in scratch buffers reused chunk after chunk (fresh pages cost more to
+        # fault in than the arithmetic done on them), and the destinations are computed a piece at a
+        # time, straight into each row's block (16-bit keys: numpy's stable sort of them is a radix
+        # sort) and its offset inside the block: no array of n 8-byte destinations.
+        keys = scratch.get("keys", n, np.uint16 if lay.num_blocks <= 1 << 16 else np.uint32)
+        offsets = scratch.get("offsets", n, np.dtype("<u4"))
+        for lo in range(0, n, _INDEX_PIECE):
+            hi = min(n, lo + _INDEX_PIECE)
+            dest = position(np.arange(start + lo, start + hi, dtype=np.int64))
+            np.floor_divide(dest, lay.block_rows, out=keys[lo:hi], casting="unsafe")
+            np.remainder(dest, lay.block_rows, out=offsets[lo:hi], casting="unsafe")
         order = np.argsort(keys, kind="stable")
-        del keys
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(block, minlength=lay.num_blocks))])
-        del block
+        counts = np.bincount(keys, minlength=lay.num_blocks).astype("<u8")
+        bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         # np.take, not fancy indexing: several times faster for rows of a few bytes
-        columns = [np.take(np.remainder(dest, lay.block_rows, out=dest).astype("<u4"), order)]
-        del dest
-        columns += [np.take(np.asarray(chunk[name], dtype=spec.dtype), order, axis=0) for name, spec in self.fields]
+        columns = [np.take(offsets, order, out=scratch.get("column -1", n, offsets.dtype), mode="clip")]
+        for i, (name, spec) in enumerate(self.fields):
+            out = scratch.get(f"column {i}", n, np.dtype(spec.dtype), spec.shape)
+            columns.append(np.take(np.asarray(chunk[name], dtype=spec.dtype), order, axis=0, out=out, mode="clip"))
         del order
-        for b in np.flatnonzero(np.diff(bounds)):
-            for path, col in zip(self.paths(int(b), part), columns):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                try:
-                    _write_all(fd, memoryview(col[bounds[b] : bounds[b + 1]]).cast("B"))
-                finally:
-                    os.close(fd)
+        for b in np.flatnonzero(counts).tolist():
+            a, z = bounds[b], bounds[b + 1]
+            run = [counts[b : b + 1].view(np.uint8)] + [col[a:z].reshape(-1).view(np.uint8) for col in columns]
+            fd = os.open(self.path(b, part), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                _writev_all(fd, run)
+            finally:
+                os.close(fd)
+            for piece in run:
+                sums[b][1] = crc32c(piece, sums[b][1])
+                sums[b][0] += len(piece)
         return n
 
     def fill(self, block: int, out: Mapping[str, np.ndarray]) -> None:
-        n = self.layout.block_len(block)
-        parts = [self.paths(block, p) for p in range(self.parts)]
-        pos = self._load([p[0] for p in parts], np.dtype("<u4"), (), n).astype(np.intp)
-        for i, (name, spec) in enumerate(self.fields):
-            data = self._load([p[i + 1] for p in parts], np.dtype(spec.dtype), spec.shape, n)
-            # one whole row per item: np.put writes rows to random places, which is about twice as
-            # fast as np.take's reads from random places (and needs no inverse permutation)
-            np.put(_rows(out[name]), pos, _rows(data))
-            del data
+        # The writer keeps one block in flight while the next is filled: the blocks filled before
+        # that one are durable, and their buckets are deleted now, so that the kernel hands their
+        # pages to the output instead of taking fresh ones (or writing buckets out to make room).
+        # Were this process killed before the writer records those blocks, the rerun would find
+        # their buckets gone and redo the scatter: slower, never wrong.
+        for done in self._filled[:-1]:
+            for p in range(self.parts):
+                self.path(done, p).unlink(missing_ok=True)
+            self._drop_output(done)
+        self._filled = self._filled[-1:] + [block]
+        targets = [(_rows(out[name]), spec.row_bytes) for name, spec in self.fields]
+        rows = sum(self._place(block, p, targets) for p in range(self.parts))
+        if rows != self.layout.block_len(block):  # the checksums matched: only a bug gets here
+            raise StoreFormatError(f"shuffle bucket {self.path(block, 0)} holds {rows} rows, not "
+                                   f"{self.layout.block_len(block)}")
 
-    def _load(self, paths: list[Path], dtype: np.dtype, shape: tuple[int, ...], rows: int) -> np.ndarray:
-        """The rows of one file kind over every part, checked to be exactly ``rows``, read into one array."""
-        data = np.empty((rows, *shape), dtype)
-        sizes = [p.stat().st_size if p.exists() else 0 for p in paths]
-        if sum(sizes) != data.nbytes:
+    def _place(self, block: int, part: int, targets: list[tuple[np.ndarray, int]]) -> int:
+        """Put every row of one bucket file at its offset in ``targets`` (one row array per field)
+        and check the file against the marker's size and crc32c; returns the rows placed.
+
+        The file is read a run at a time and a field's values in pieces of at most
+        ``_PIECE`` bytes, so memory holds one run's offsets, not the bucket."""
+        size, crc = self.sums[part][block]
+        path, scratch = self.path(block, part), self._scratch
+        at, running, rows = 0, 0, 0
+
+        def read(f, nbytes: int, key: str) -> np.ndarray:
+            nonlocal at, running
+            if at + nbytes > size:
+                raise _Torn
+            buf = scratch.get(key, nbytes, np.uint8)
+            got = 0
+            while got < nbytes and (more := f.readinto(memoryview(buf[got:]))):
+                got += more
+            if got != nbytes:
+                raise _Torn
+            at, running = at + nbytes, crc32c(buf, running)
+            return buf
+
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while at < size:
+                    n = int(read(f, 8, "header").view("<u8")[0])
+                    pos = scratch.get("positions", n, np.intp)
+                    pos[...] = read(f, 4 * n, "offsets").view("<u4")
+                    for rows_of, width in targets:
+                        step = max(1, min(_PIECE, self.layout.block_rows * width) // width)
+                        for a in range(0, n, step):
+                            b = min(n, a + step)
+                            # whole rows as items: np.put writes rows to random places, about twice as
+                            # fast as np.take's reads from random places (and needs no inverse permutation)
+                            np.put(rows_of, pos[a:b], read(f, (b - a) * width, "values").view(rows_of.dtype))
+                    rows += n
+                if f.read(1) or running != crc:
+                    raise _Torn
+        except (_Torn, FileNotFoundError, IndexError):  # IndexError: an offset past the block
+            self._discard()
             raise StoreFormatError(
-                f"shuffle bucket {paths[0]} is torn ({sum(sizes)} bytes); remove {self.root} and rerun"
-            )
-        view, at = memoryview(data.reshape(-1).view(np.uint8)), 0
-        for path, size in zip(paths, sizes):
-            if size:
-                with open(path, "rb", buffering=0) as f:
-                    while at < data.nbytes and (got := f.readinto(view[at:])):
-                        at += got
-                    # read once: dropping the pages leaves the page cache to the output and the input
-                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        if at != data.nbytes:
-            raise StoreFormatError(f"shuffle bucket {paths[0]} changed while it was read; remove {self.root} and rerun")
-        return data
+                f"shuffle bucket {path} is not what the scatter wrote (torn, or lost in a crash before it reached "
+                "the disk): the scatter is discarded; rerun to redo it"
+            ) from None
+        return rows
+
+    def _drop_output(self, block: int) -> None:
+        """Drop the durable output ``block`` from the page cache: the data passes through once, and
+        the next block's write reuses those pages instead of taking fresh ones (which cost a virtual
+        machine a fault in its host each)."""
+        if self.output is None or not hasattr(os, "posix_fadvise"):
+            return
+        if self._output_store is None:
+            self._output_store = BlockStore.open(self.output)
+        for name in self.layout.fields:
+            path = self._output_store.chunk_path(name, block)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # a codec's chunk may be elsewhere; the hint is only a hint
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    def _discard(self) -> None:
+        """Forget the finished scatter, so that the next run redoes it."""
+        (self.root / _MARKER).unlink(missing_ok=True)
 
     def __call__(self, block: int) -> dict[str, np.ndarray]:
         n = self.layout.block_len(block)
@@ -411,13 +509,22 @@ class _Buckets:
         return out
 
 
+class _Scratch:
+    """Named arrays reused from one call to the next, grown when a call needs more rows."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, rows: int, dtype: np.dtype | type, shape: tuple[int, ...] = ()) -> np.ndarray:
+        """An uninitialized ``(rows, *shape)`` array of ``dtype``, the same memory as last time when it fits."""
+        a = self._arrays.get(key)
+        if a is None or len(a) < rows or a.dtype != dtype or a.shape[1:] != shape:
+            a = self._arrays[key] = np.empty((rows, *shape), dtype)
+        return a[:rows]
+
+
 def _rows(a: np.ndarray) -> np.ndarray:
     """A C-contiguous array as a 1-d array with one opaque item per row (a view: writes go through)."""
     if not a.flags.c_contiguous:
         raise ValueError("rows of a non-contiguous array cannot be viewed as items")
     return a.reshape(len(a), -1).view(np.dtype(("V", a[:1].nbytes))).reshape(len(a)) if len(a) else a.reshape(0)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while len(data):
-        data = data[os.write(fd, data):]

@@ -9,7 +9,7 @@ import pytest
 import shardset
 from shardset import BlockStore
 from shardset.cli import main
-from shardset.errors import CorruptBlockError, IncompleteStoreError, ShardsetError, StoreFormatError
+from shardset.errors import ArgumentError, CorruptBlockError, IncompleteStoreError, ShardsetError, StoreFormatError
 from shardset.format import ATTRS_KEY
 from shardset.quality import within_block_correlation
 from shardset.shuffle import SHUFFLE_NAME, shuffle_store, shuffled_position, write_shuffled
@@ -126,17 +126,42 @@ def test_an_interrupted_gather_reuses_the_finished_scatter(tmp_path):
         write_shuffled(dst, ref.layout, chunks_then_an_obstacle(), seed=2, tmp_dir=buckets, progress=False)
     assert (buckets / "dst.zarr.shuffle-tmp" / "scattered.json").exists() and BlockStore.open(dst).missing_blocks()
     Path(BlockStore.open(dst).chunk_path("X", 0)).rmdir()
-    bucket = buckets / "dst.zarr.shuffle-tmp" / "3.0.pos"
-    good = bucket.read_bytes()
-    bucket.write_bytes(good[:-4])  # a torn bucket is refused, never written into a block
-    with pytest.raises(StoreFormatError, match="torn"):
-        write_shuffled(dst, ref.layout, iter(()), seed=2, tmp_dir=buckets, progress=False)
-    assert 3 in BlockStore.open(dst).missing_blocks()
-    bucket.write_bytes(good)
     # no input at all: only the finished scatter on disk can complete the store
     write_shuffled(dst, ref.layout, iter(()), seed=2, tmp_dir=buckets, progress=False)
     assert chunk_bytes(dst) == chunk_bytes(ref.where)
     assert os.listdir(buckets) == ["unrelated"]  # our bucket directory is gone, nothing else
+
+
+def test_a_bucket_lost_in_a_crash_is_found_and_the_scatter_redone(tmp_path):
+    rows, br = 1500, 300
+    src, buckets = id_arrays(rows), tmp_path / "buckets"
+    ref = shardset.write(tmp_path / "ref.zarr", src, block_rows=br, shuffle=True, seed=2, progress=False)
+
+    def chunks(dst, obstacle: bool):
+        yield from ({k: v[i : i + br] for k, v in src.items()} for i in range(0, rows, br))
+        if obstacle:  # the gather of block 0 fails: the scatter stays on disk, unfsynced
+            Path(BlockStore.open(dst).chunk_path("X", 0)).mkdir(parents=True)
+
+    def scattered_not_gathered(dst) -> Path:
+        with pytest.raises((OSError, ShardsetError)):
+            write_shuffled(dst, ref.layout, chunks(dst, True), seed=2, tmp_dir=buckets, progress=False)
+        Path(BlockStore.open(dst).chunk_path("X", 0)).rmdir()
+        return buckets / f"{Path(dst).name}.shuffle-tmp"
+
+    # what a crash leaves of files that never reached the disk: a tail missing, or zeros of the right size
+    root = scattered_not_gathered(tmp_path / "a.zarr")
+    (root / "3.0").write_bytes((root / "3.0").read_bytes()[:-4])
+    with pytest.raises(ArgumentError, match="held 0 rows"):  # detected; redoing the scatter needs the input
+        write_shuffled(tmp_path / "a.zarr", ref.layout, iter(()), seed=2, tmp_dir=buckets, progress=False)
+    assert not (root / "scattered.json").exists() and 3 in BlockStore.open(tmp_path / "a.zarr").missing_blocks()
+    write_shuffled(tmp_path / "a.zarr", ref.layout, chunks(None, False), seed=2, tmp_dir=buckets, progress=False)
+    assert chunk_bytes(tmp_path / "a.zarr") == chunk_bytes(ref.where) and not root.exists()
+
+    root = scattered_not_gathered(tmp_path / "b.zarr")
+    (root / "3.0").write_bytes(bytes((root / "3.0").stat().st_size))
+    # given the input, the same call redoes the scatter and finishes: never a block from a bad bucket
+    write_shuffled(tmp_path / "b.zarr", ref.layout, chunks(None, False), seed=2, tmp_dir=buckets, progress=False)
+    assert chunk_bytes(tmp_path / "b.zarr") == chunk_bytes(ref.where) and not root.exists()
 
 
 def test_cli_shuffle_and_its_errors(tmp_path, capsys):
