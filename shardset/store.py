@@ -347,29 +347,56 @@ class BlockStore:
                                    "older shardset): read whole blocks, or rewrite it with `shardset shuffle`")
 
     def read_rows(self, name: str, start: int, stop: int, buffer: np.ndarray | None = None, *,
-                  direct: bool = False) -> np.ndarray:
+                  direct: bool = False, order: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of field ``name`` (they may span blocks), reading only
         the checksummed slices that hold them and verifying each.
 
         Needs a store with slice checksums (``layout.slice_rows``).  ``buffer``: at
         least ``(stop - start) * row_bytes`` bytes to read into; the result views it.
         ``direct``: read slices that are not in the page cache with ``O_DIRECT``
-        (through a per-thread aligned buffer of the read's size, then one copy).
+        (through a per-thread aligned buffer of the read's size).  ``order``: row
+        ``i`` of the result is row ``order[i]`` of the range (indices into it, as
+        many as wanted): the rows are verified as stored, then gathered into
+        ``buffer`` in the pass that would otherwise copy them there, so a reader
+        that shuffles them gets them in place, ready to be read in sequence.
+
+        >>> import numpy as np, tempfile, os
+        >>> from shardset import write
+        >>> s = write(os.path.join(tempfile.mkdtemp(), "r.zarr"), {"x": np.arange(10) * 10}, block_rows=4)
+        >>> s.read_rows("x", 3, 6).tolist(), s.read_rows("x", 3, 6, order=np.array([2, 0])).tolist()
+        ([30, 40, 50], [50, 30])
         """
         lay, spec = self.layout, self.layout.fields[name]
         self.require_slices()
         if not 0 <= start <= stop <= lay.rows:
             raise ArgumentError(f"rows [{start}, {stop}) are outside [0, {lay.rows})")
         rb = spec.row_bytes
-        out = np.empty((stop - start) * rb, np.uint8) if buffer is None else buffer[: (stop - start) * rb]
+        rows = stop - start if order is None else len(order)
+        out = np.empty(rows * rb, np.uint8) if buffer is None else buffer[: rows * rb]
+        parts = []  # (block, first row, last row) of each block the range touches
         pos = start
         while pos < stop:
             block, first = divmod(pos, lay.block_rows)
             end = min(stop, (block + 1) * lay.block_rows)
-            self._read_slices(name, block, first, first + end - pos, out[(pos - start) * rb : (end - start) * rb],
-                              direct)
+            parts.append((block, first, first + end - pos))
             pos = end
-        return out.view(spec.dtype).reshape(stop - start, *spec.shape)
+        if order is None:
+            at = 0
+            for block, first, last in parts:
+                dest = out[at : at + (last - first) * rb]
+                got = self._slice_rows(name, block, first, last, direct, dest)
+                if got is not dest:
+                    dest[:] = got
+                at += len(dest)
+        elif len(order) and not (0 <= order.min() and order.max() < stop - start):
+            raise ArgumentError(f"order must hold indices into the {stop - start} rows read")
+        elif len(parts) == 1:
+            _take_rows(self._slice_rows(name, *parts[0], direct), order, out, rb)
+        else:  # a range across blocks: its parts side by side first (a scratch view lasts one read)
+            whole = np.empty((stop - start) * rb, np.uint8)
+            self.read_rows(name, start, stop, whole, direct=direct)
+            _take_rows(whole, order, out, rb)
+        return out.view(spec.dtype).reshape(rows, *spec.shape)
 
     def remove_partials(self) -> int:
         """Delete temporary ``*.partial`` files a killed writer left; returns how many."""
@@ -554,19 +581,19 @@ class BlockStore:
             raise CorruptBlockError(f"the slice checksums of block {block} cannot be read: {exc}") from None
         return table
 
-    def _read_slices(self, name: str, block: int, first: int, last: int, dest: np.ndarray, direct: bool) -> None:
-        """Rows ``[first, last)`` of ``block`` into ``dest``: read the slices that hold
-        them (straight into ``dest`` when the rows are whole slices) and check each."""
+    def _slice_rows(self, name: str, block: int, first: int, last: int, direct: bool,
+                    dest: np.ndarray | None = None) -> np.ndarray:
+        """The verified bytes of rows ``[first, last)`` of ``block``: read straight into
+        ``dest`` when they are whole slices, else into this thread's scratch buffer
+        (the result then views it until the thread's next read)."""
         lay = self.layout
         rb, sr = lay.fields[name].row_bytes, lay.slice_rows
         s0, s1 = first // sr, -(-last // sr)
         lead = (first - s0 * sr) * rb
-        aligned = lead == 0 and last == s1 * sr
-        raw = dest if aligned else np.empty((s1 - s0) * sr * rb, np.uint8)
-        self._read_range(name, block, s0 * sr * rb, raw, direct)
+        whole = dest is not None and lead == 0 and last == s1 * sr
+        raw = self._read_range(name, block, s0 * sr * rb, (s1 - s0) * sr * rb, dest if whole else None, direct)
         self.check_slices(name, block, raw, s0)
-        if not aligned:
-            dest[:] = raw[lead : lead + len(dest)]
+        return raw[lead : lead + (last - first) * rb]
 
     def check_slices(self, name: str, block: int, raw: np.ndarray, first: int = 0) -> None:
         """Check the bytes ``raw`` of slices ``first, first + 1, ...`` of ``block`` of
@@ -577,20 +604,24 @@ class BlockStore:
             if crc32c.crc32c(raw[i * step : (i + 1) * step]) != expected[first + i]:
                 raise CorruptBlockError(f"{self._describe(name, block)} fails the crc32c of its slice {first + i}")
 
-    def _read_range(self, name: str, block: int, offset: int, dest: np.ndarray, direct: bool = False) -> None:
-        """Fill ``dest`` with the chunk's bytes from ``offset`` (one ranged read)."""
+    def _read_range(self, name: str, block: int, offset: int, nbytes: int, dest: np.ndarray | None = None,
+                    direct: bool = False) -> np.ndarray:
+        """The chunk's ``nbytes`` bytes from ``offset`` (one ranged read): in ``dest`` when
+        given, else in this thread's scratch buffer (valid until its next read)."""
         path = self.chunk_path(name, block)
         if path is None:
             with remote_errors(self.where, f"reading {self._describe(name, block)} from"):
                 got = sync(self.group.store.get(self.chunk_key(name, block), default_buffer_prototype(),
-                                                RangeByteRequest(offset, offset + len(dest))))
+                                                RangeByteRequest(offset, offset + nbytes)))
             if got is None:
                 raise CorruptBlockError(f"{self._describe(name, block)} is missing")
             part = got.as_numpy_array()
-            if len(part) != len(dest):
+            if len(part) != nbytes:
                 raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
+            if dest is None:
+                return part
             dest[:] = part
-            return
+            return dest
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -598,19 +629,24 @@ class BlockStore:
         except OSError as exc:
             raise CorruptBlockError(f"{self._describe(name, block)} cannot be read: {exc.strerror or exc}") from None
         try:
-            got = _read_range_direct(fd, offset, dest) if direct else None
+            got = _read_range_direct(fd, offset, nbytes) if direct else None
             if got is not None:
-                if got < len(dest):
+                if len(got) < nbytes:
                     raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
-                return
+                if dest is None:
+                    return got
+                dest[:] = got
+                return dest
             if hasattr(os, "posix_fadvise"):  # no readahead past the range: the next read is elsewhere
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            out = _scratch_buffer(nbytes)[:nbytes] if dest is None else dest
             done = 0
-            while done < len(dest):
-                n = os.preadv(fd, [memoryview(dest)[done:]], offset + done)
+            while done < nbytes:
+                n = os.preadv(fd, [memoryview(out)[done:]], offset + done)
                 if n == 0:
                     raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
                 done += n
+            return out
         except OSError as exc:
             raise CorruptBlockError(f"{self._describe(name, block)} cannot be read: {exc.strerror or exc}") from None
         finally:
@@ -733,26 +769,36 @@ def _read_direct(fd: int, buffer: np.ndarray, want: int) -> int | None:
     return _preadv_direct(fd, memoryview(buffer)[:size], 0)
 
 
-def _read_range_direct(fd: int, offset: int, dest: np.ndarray) -> int | None:
-    """Fill ``dest`` from ``offset`` of the file on ``fd`` with ``O_DIRECT``: the
-    4 KiB-aligned span around the range goes into this thread's aligned scratch
-    buffer, then the range is copied out.  Returns the bytes of the range that the
-    file holds (short at its end), or None where the ordinary read should be used
-    (the range is in the page cache, or the file system refuses direct I/O)."""
-    n = len(dest)
-    if not hasattr(os, "O_DIRECT") or _page_cached(fd, n, offset):
+def _read_range_direct(fd: int, offset: int, nbytes: int) -> np.ndarray | None:
+    """The ``nbytes`` bytes from ``offset`` of the file on ``fd``, read with ``O_DIRECT``:
+    the 4 KiB-aligned span around them goes into this thread's aligned scratch
+    buffer, and the result views it (fewer bytes at the end of the file).  None
+    where the ordinary read should be used (the range is in the page cache, or
+    the file system refuses direct I/O)."""
+    if not hasattr(os, "O_DIRECT") or _page_cached(fd, nbytes, offset):
         return None
     start = offset - offset % DIRECT_ALIGN
-    size = direct_nbytes(offset + n - start)
-    scratch = getattr(_scratch, "buffer", None)
-    if scratch is None or scratch.nbytes < size:
-        scratch = _scratch.buffer = aligned_buffer(size, hugepages=False)
+    size = direct_nbytes(offset + nbytes - start)
+    scratch = _scratch_buffer(size)
     got = _preadv_direct(fd, memoryview(scratch)[:size], start)
     if got is None:
         return None
-    have = max(0, min(n, got - (offset - start)))
-    dest[:have] = scratch[offset - start : offset - start + have]
-    return have
+    lead = offset - start
+    return scratch[lead : lead + max(0, min(nbytes, got - lead))]
+
+
+def _scratch_buffer(nbytes: int) -> np.ndarray:
+    """This thread's reusable, 4 KiB-aligned buffer of at least ``nbytes`` bytes."""
+    scratch = getattr(_scratch, "buffer", None)
+    if scratch is None or scratch.nbytes < nbytes:
+        scratch = _scratch.buffer = aligned_buffer(nbytes, hugepages=False)
+    return scratch
+
+
+def _take_rows(raw: np.ndarray, order: np.ndarray, out: np.ndarray, row_bytes: int) -> None:
+    """``out``'s rows (``row_bytes`` each) = ``raw``'s rows ``order``, one opaque item a row."""
+    item = np.dtype(("V", row_bytes))
+    np.take(raw.view(item), order.astype(np.intp, copy=False), out=out.view(item), mode="clip")
 
 
 def _preadv_direct(fd: int, view: memoryview, start: int) -> int | None:
@@ -779,7 +825,7 @@ def _preadv_direct(fd: int, view: memoryview, start: int) -> int | None:
     return got
 
 
-_scratch = threading.local()  # each I/O thread's buffer for _read_range_direct
+_scratch = threading.local()  # each I/O thread's buffer for slices (_scratch_buffer)
 
 
 def _page_cached(fd: int, size: int, start: int = 0) -> bool:
