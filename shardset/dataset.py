@@ -53,8 +53,11 @@ GATHER_ROWS = 1 << 16
 # Reads in flight at most: whole blocks are long sequential reads; slices are a few
 # MiB at random offsets, which a disk serves fast only with many in flight (2 MiB
 # O_DIRECT reads on this project's disk, a one-off run on a busy machine: 0.13 GB/s
-# one at a time, 0.52 at 16).
-IO_THREADS, SLICE_IO_THREADS = 4, 16
+# one at a time, 0.52 at 16), so slice units get about SLICE_IO_BYTES in flight,
+# 4 to 16 reads: more threads than that only contend for the GIL (8 MiB units, three
+# interleaved one-off rounds on the idle machine: 0.68-0.73 GB/s with 8 reads, 0.65-0.67
+# with 16; 4 MiB units were even between 8 and 16).
+IO_THREADS, SLICE_IO_THREADS, SLICE_IO_BYTES = 4, 16, 64 << 20
 
 
 class ShardedDataset(IterableDataset):
@@ -433,7 +436,7 @@ class _BlockReader:
     Blocks go into a ring of ``window + prefetch`` slots per field, one array per
     field, so a stage that mixes several blocks is gathered with one ``np.take``.
     Reads run on ``max(1, prefetch)`` I/O threads (at most ``IO_THREADS``, or
-    ``SLICE_IO_THREADS`` for slice units); row orders and each piece's
+    about ``SLICE_IO_BYTES`` of slice units); row orders and each piece's
     gather index are computed on a separate thread, so neither waits for the
     other (both release the GIL).  A slice unit's row order is computed by its
     read, which stores the rows in that order.  A block's slot is reused once
@@ -449,7 +452,9 @@ class _BlockReader:
         self.window = plan.window
         self.buffers, self.rings, self.slot_rows = buffers, buffers.rings, buffers.slot_rows
         self.free = list(range(buffers.slots))[::-1]
-        self.io = ThreadPoolExecutor(min(max(1, prefetch), SLICE_IO_THREADS if slices else IO_THREADS),
+        unit_bytes = plan.block_rows * sum(store.layout.fields[f].row_bytes for f in fields)
+        most = min(SLICE_IO_THREADS, max(4, SLICE_IO_BYTES // unit_bytes)) if slices else IO_THREADS
+        self.io = ThreadPoolExecutor(min(max(1, prefetch), most),
                                      thread_name_prefix="shardset-read", initializer=torch.set_num_threads,
                                      initargs=(1,))  # slice units get their row orders here (see below)
         # One intra-op thread for this thread's torch calls (a thread-local setting):
@@ -508,7 +513,7 @@ class _BlockReader:
         return f"rows [{start}, {start + self.plan.block_size(unit)})"
 
     def _will_need(self, unit: int) -> None:
-        """Hint the kernel to read block ``unit`` (slices have ``SLICE_IO_THREADS`` reads
+        """Hint the kernel to read block ``unit`` (slices have several reads
         in flight instead: a hint costs an open, as much as a slice's read; direct reads
         bypass the cache a hint would fill)."""
         if not self.slices and not self.direct:
