@@ -440,8 +440,8 @@ class _BlockReader:
     gather index are computed on a separate thread, so neither waits for the
     other (both release the GIL).  A slice unit's row order is computed by its
     read, which stores the rows in that order.  A block's slot is reused once
-    the consumer is past the last stage that needs it.  Iterating yields ``(ring rows by field,
-    gather index)`` per piece, in stream order.
+    the consumer is past the last stage that needs it.  Iterating yields
+    ``(ring rows by field, gather index)`` per piece, in stream order.
     """
 
     def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], pieces, prefetch: int,
@@ -452,11 +452,13 @@ class _BlockReader:
         self.window = plan.window
         self.buffers, self.rings, self.slot_rows = buffers, buffers.rings, buffers.slot_rows
         self.free = list(range(buffers.slots))[::-1]
-        unit_bytes = plan.block_rows * sum(store.layout.fields[f].row_bytes for f in fields)
-        most = min(SLICE_IO_THREADS, max(4, SLICE_IO_BYTES // unit_bytes)) if slices else IO_THREADS
-        self.io = ThreadPoolExecutor(min(max(1, prefetch), most),
-                                     thread_name_prefix="shardset-read", initializer=torch.set_num_threads,
-                                     initargs=(1,))  # slice units get their row orders here (see below)
+        most = IO_THREADS
+        if slices:  # plan.block_rows is the unit's
+            unit_bytes = plan.block_rows * sum(store.layout.fields[f].row_bytes for f in fields)
+            most = min(SLICE_IO_THREADS, max(4, SLICE_IO_BYTES // unit_bytes))
+        # slice units get their row orders on these threads: one intra-op thread, as below
+        self.io = ThreadPoolExecutor(min(max(1, prefetch), most), thread_name_prefix="shardset-read",
+                                     initializer=torch.set_num_threads, initargs=(1,))
         # One intra-op thread for this thread's torch calls (a thread-local setting):
         # randperm of over 32k rows otherwise wakes the intra-op pool, which cost
         # 20 ms instead of 0.3 ms for 61k rows (a one-off timing on a busy 2-core machine).
