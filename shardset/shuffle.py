@@ -483,20 +483,12 @@ class _Buckets:
         """Drop the durable output ``block`` from the page cache: the data passes through once, and
         the next block's write reuses those pages instead of taking fresh ones (which cost a virtual
         machine a fault in its host each)."""
-        if self.output is None or not hasattr(os, "posix_fadvise"):
+        if self.output is None:
             return
         if self._output_store is None:
             self._output_store = BlockStore.open(self.output)
         for name in self.layout.fields:
-            path = self._output_store.chunk_path(name, block)
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue  # a codec's chunk may be elsewhere; the hint is only a hint
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            self._output_store.drop_cached(name, block)
 
     def _discard(self) -> None:
         """Forget the finished scatter, so that the next run redoes it."""

@@ -271,15 +271,24 @@ class BlockStore:
         (local stores; elsewhere a no-op).  The reader calls it for the block after the
         ones it is loading, so the disk keeps streaming while those wait for a free
         buffer, at no cost in resident memory."""
+        self._advise(name, block, "POSIX_FADV_WILLNEED")
+
+    def drop_cached(self, name: str, block: int) -> None:
+        """Ask the kernel to drop ``block`` of ``name`` from the page cache (local stores;
+        elsewhere a no-op; dirty pages stay until written): for data that passes through
+        once, so that the next block reuses those pages instead of taking fresh ones."""
+        self._advise(name, block, "POSIX_FADV_DONTNEED")
+
+    def _advise(self, name: str, block: int, advice: str) -> None:
         path = self.chunk_path(name, block)
         if path is None or not hasattr(os, "posix_fadvise"):
             return
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
-            return  # a missing chunk is reported by the read itself
+            return  # a missing chunk is reported by the read itself; the advice is only a hint
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, 0, 0, getattr(os, advice))
         finally:
             os.close(fd)
 
@@ -618,10 +627,7 @@ class BlockStore:
             part = got.as_numpy_array()
             if len(part) != nbytes:
                 raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
-            if dest is None:
-                return part
-            dest[:] = part
-            return dest
+            return _placed(part, dest)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -633,10 +639,7 @@ class BlockStore:
             if got is not None:
                 if len(got) < nbytes:
                     raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
-                if dest is None:
-                    return got
-                dest[:] = got
-                return dest
+                return _placed(got, dest)
             if hasattr(os, "posix_fadvise"):  # no readahead past the range: the next read is elsewhere
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             out = _scratch_buffer(nbytes)[:nbytes] if dest is None else dest
@@ -785,6 +788,14 @@ def _read_range_direct(fd: int, offset: int, nbytes: int) -> np.ndarray | None:
         return None
     lead = offset - start
     return scratch[lead : lead + max(0, min(nbytes, got - lead))]
+
+
+def _placed(data: np.ndarray, dest: np.ndarray | None) -> np.ndarray:
+    """``data``, copied into ``dest`` when one is given."""
+    if dest is None:
+        return data
+    dest[:] = data
+    return dest
 
 
 def _scratch_buffer(nbytes: int) -> np.ndarray:
