@@ -288,11 +288,16 @@ def _produce(make_block: BlockFn, layout: Layout, blocks: Iterable[int]) -> Iter
         for b in blocks:
             yield b, make_block(b)
         return
-    ring = [{k: np.empty((layout.block_rows, *f.shape), f.dtype) for k, f in layout.fields.items()} for _ in range(2)]
+    ring = [block_arrays(layout) for _ in range(2)]
     for i, b in enumerate(blocks):
         out = {k: v[: layout.block_len(b)] for k, v in ring[i % 2].items()}
         fill(b, out)
         yield b, out
+
+
+def block_arrays(layout: Layout) -> dict[str, np.ndarray]:
+    """Uninitialized arrays for one whole block of ``layout``, one per field."""
+    return {k: np.empty((layout.block_rows, *f.shape), f.dtype) for k, f in layout.fields.items()}
 
 
 def _write_loop(store: BlockStore, blocks: Iterable[tuple[int, Mapping[str, np.ndarray]]], done: Callable[[int], None]):
