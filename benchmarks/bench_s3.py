@@ -17,7 +17,9 @@ Measured in one invocation, in interleaved rounds:
   (``num_workers=0``, batch 4096: adds the row order, gather and batching),
   each against a tight loop of plain GETs of the same objects with the same
   number of requests in flight (``prefetch`` blocks x the ranged parts of the
-  largest chunk), issued straight through obstore; for each of the three, the
+  largest chunk), issued straight through obstore, timed before and after the
+  two (their mean is the round's baseline, so a drift of the server's rate
+  within the round cancels instead of landing in the ratio); for each, the
   client's CPU time (every thread of this process) as bytes per CPU-second: on
   one pinned core, the fastest the client could go, whatever the load on the
   machine does to the wall-clock figures;
@@ -56,6 +58,7 @@ import asyncio
 import importlib
 import os
 import shutil
+import statistics
 import threading
 import time
 from typing import Any
@@ -233,12 +236,17 @@ def main(argv=None) -> dict[str, Any]:
                     back_runs[f"{name}@{c}"].append(stored / zarr_gets(zs, keys, c))
             for p, k in configs:
                 part, key = -(-chunk_x // k), f"{p}x{k}"
-                for runs, run in ((fetch_runs, lambda: fetch_blocks(url, p, part)),
-                                  (read_runs, lambda: read_epoch(url, p, part)),
-                                  (base_runs, lambda: plain_gets(obstore_store, keys, p * k))):
+                # plain GETs before and after, their mean the round's baseline: the server's
+                # rate drifts within a round, and this keeps the drift out of the ratios
+                rates, cpus = [], []
+                for run in (lambda: plain_gets(obstore_store, keys, p * k), lambda: fetch_blocks(url, p, part),
+                            lambda: read_epoch(url, p, part), lambda: plain_gets(obstore_store, keys, p * k)):
                     cpu = time.process_time()  # every thread of this process: the client's CPU
-                    runs[key].append(stored / run())
-                    cpu_runs[key][id(runs)].append(stored / (time.process_time() - cpu))
+                    rates.append(stored / run())
+                    cpus.append(stored / (time.process_time() - cpu))
+                for runs, i in ((fetch_runs, [1]), (read_runs, [2]), (base_runs, [0, 3])):
+                    runs[key].append(statistics.mean(rates[j] for j in i))
+                    cpu_runs[key][id(runs)].append(statistics.mean(cpus[j] for j in i))
             for p in args.prefetch:  # the same epoch from the page cache: the order, gather and batching alone
                 cpu = time.process_time()
                 local_runs[p].append(stored / read_epoch(str(local), p, default_part))
