@@ -43,9 +43,7 @@ from typing import Any, Iterable, Mapping
 import crc32c
 import numpy as np
 import zarr
-from zarr.abc.store import RangeByteRequest
 from zarr.codecs import BytesCodec, Crc32cCodec
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
@@ -448,9 +446,13 @@ class BlockStore:
     def _describe(self, name: str, block: int) -> str:
         return f"block {block} of field '{name}' ({self.where}/{self.chunk_key(name, block)})"
 
+    def _chunk_nbytes(self, name: str) -> int:
+        """Bytes of a stored chunk of field ``name`` read by the fast path (its checksum trailer included)."""
+        return self.block_nbytes(name) + (CRC_BYTES if self._raw[name] else 0)
+
     def _raw_buffer(self, name: str, buffer: np.ndarray | None) -> tuple[np.ndarray, int]:
         """``(buffer, bytes of the stored chunk)`` for a fast-path read of field ``name``."""
-        want = self.block_nbytes(name) + (CRC_BYTES if self._raw[name] else 0)
+        want = self._chunk_nbytes(name)
         if buffer is None:
             buffer = np.empty(want, dtype=np.uint8)
         elif buffer.nbytes < want:
@@ -620,16 +622,18 @@ class BlockStore:
         """The chunk's ``nbytes`` bytes from ``offset`` (one ranged read): in ``dest`` when
         given, else in this thread's scratch buffer (valid until its next read)."""
         path = self.chunk_path(name, block)
-        if path is None:
+        if path is None:  # one ranged GET, streamed into place
+            out = _scratch_buffer(nbytes)[:nbytes] if dest is None else dest
+            want = self._chunk_nbytes(name)
             with remote_errors(self.where, f"reading {self._describe(name, block)} from"):
-                got = sync(self.group.store.get(self.chunk_key(name, block), default_buffer_prototype(),
-                                                RangeByteRequest(offset, offset + nbytes)))
-            if got is None:
+                size = _stream_into(self.group.store.store, self.chunk_key(name, block), out, want,
+                                    start=offset, stop=offset + nbytes, base=offset)[0]
+            if size is None:
                 raise CorruptBlockError(f"{self._describe(name, block)} is missing")
-            part = got.as_numpy_array()
-            if len(part) != nbytes:
-                raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
-            return _placed(part, dest)
+            if size != want:
+                raise CorruptBlockError(f"{self._describe(name, block)} has {size} bytes, expected {want}"
+                                        if size >= 0 else f"{self._describe(name, block)} changed while it was being read")
+            return out
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -672,12 +676,12 @@ def _range_bytes(want: int, part: int) -> int:
 
 
 def _stream_into(store: Any, key: str, buffer: np.ndarray, want: int, checked: int = 0, start: int = 0,
-                 stop: int | None = None) -> tuple[int | None, int]:
+                 stop: int | None = None, base: int = 0) -> tuple[int | None, int]:
     """GET bytes ``[start, stop)`` (default: all) of ``key``, an object of ``want``
-    bytes, into the same bytes of ``buffer`` as the body arrives, with the crc32c of
-    the chunk's first ``checked`` bytes computed on the way (from ``start == 0``).
-    Returns the object's size (``None`` when it is missing, -1 when the body did not
-    fill the range) and that crc32c.
+    bytes, into ``buffer`` as the body arrives (byte ``i`` of the object to
+    ``buffer[i - base]``), with the crc32c of the chunk's first ``checked`` bytes
+    computed on the way (from ``start == 0``).  Returns the object's size (``None``
+    when it is missing, -1 when the body did not fill the range) and that crc32c.
 
     The body comes as obstore's own network reads (joined into pieces of at least
     :data:`STREAM_PIECE` bytes), not collected into one buffer first: that saves
@@ -700,9 +704,9 @@ def _stream_into(store: Any, key: str, buffer: np.ndarray, want: int, checked: i
         end = pos + len(piece)
         if end > stop:
             return -1, 0
-        buffer[pos:end] = np.frombuffer(piece, np.uint8)
+        buffer[pos - base : end - base] = np.frombuffer(piece, np.uint8)
         if pos < checked:
-            crc = crc32c.crc32c(buffer[pos : min(end, checked)], crc)
+            crc = crc32c.crc32c(buffer[pos - base : min(end, checked) - base], crc)
         pos = end
     return (size if pos == stop else -1), crc
 

@@ -154,20 +154,35 @@ def test_ranged_reads_assemble_each_block_exactly(s3_url, monkeypatch):
 @pytest.mark.parametrize("fault, match", [("delete", "is missing"), ("truncate", "has 1203 bytes, expected 1204"),
                                           ("extend", "has 1205 bytes"), ("flip", "crc32c")])
 def test_damaged_objects_are_named(s3_url, monkeypatch, fault, match, part):
-    shardset.write(s3_url, id_arrays(1000, features=1), block_rows=300, progress=False)
-    store = BlockStore.open(s3_url, mode="r+")
-    kv, key = store.group.store, store.chunk_key("X", 1)
-    raw = sync(kv.get(key, default_buffer_prototype())).to_bytes()
-    proto = default_buffer_prototype().buffer
-    if fault == "delete":
-        sync(kv.delete(key))
-    else:
-        bad = {"truncate": raw[:-1], "extend": raw + b"\0", "flip": bytes([raw[0] ^ 1]) + raw[1:]}[fault]
-        sync(kv.set(key, proto.from_bytes(bad)))
+    _damage_block_1(s3_url, fault)
     if part is not None:
         monkeypatch.setattr(BlockStore, "read_part_bytes", part)
     with pytest.raises(CorruptBlockError, match=match):
         BlockStore.open(s3_url).read_block("X", 1)
+
+
+@pytest.mark.parametrize("fault, match", [("delete", "is missing"), ("truncate", "has 1203 bytes, expected 1204"),
+                                          ("extend", "has 1205 bytes"), ("flip", "crc32c of its slice 0")])
+def test_damaged_objects_are_named_by_slice_reads(s3_url, fault, match):
+    _damage_block_1(s3_url, fault)
+    store = BlockStore.open(s3_url)
+    with pytest.raises(CorruptBlockError, match=match):
+        store.read_rows("X", 300, 320)
+    with pytest.raises(CorruptBlockError, match=match):  # into a caller's buffer, as the reader does
+        store.read_rows("X", 300, 320, np.empty(20 * 4, np.uint8), order=np.arange(20)[::-1])
+
+
+def _damage_block_1(s3_url: str, fault: str) -> None:
+    """Write 1000 rows in blocks of 300 and damage the object of block 1 of ``X``."""
+    shardset.write(s3_url, id_arrays(1000, features=1), block_rows=300, progress=False)
+    store = BlockStore.open(s3_url, mode="r+")
+    kv, key = store.group.store, store.chunk_key("X", 1)
+    raw = sync(kv.get(key, default_buffer_prototype())).to_bytes()
+    if fault == "delete":
+        sync(kv.delete(key))
+    else:
+        bad = {"truncate": raw[:-1], "extend": raw + b"\0", "flip": bytes([raw[0] ^ 1]) + raw[1:]}[fault]
+        sync(kv.set(key, default_buffer_prototype().buffer.from_bytes(bad)))
 
 
 def test_streamed_chunk_is_checked_across_its_pieces(s3_url):
