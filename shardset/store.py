@@ -805,10 +805,13 @@ def _placed(data: np.ndarray, dest: np.ndarray | None) -> np.ndarray:
 
 
 def _scratch_buffer(nbytes: int) -> np.ndarray:
-    """This thread's reusable, 4 KiB-aligned buffer of at least ``nbytes`` bytes."""
+    """This thread's reusable buffer of at least ``nbytes`` bytes, on huge pages: an
+    ``O_DIRECT`` read into 4 KiB pages goes to the disk as requests of at most
+    ``max_segments`` pages (about 1 MiB), into 2 MiB pages as requests of up to the
+    disk's limit (see :func:`shardset.bench.direct_read`)."""
     scratch = getattr(_scratch, "buffer", None)
     if scratch is None or scratch.nbytes < nbytes:
-        scratch = _scratch.buffer = aligned_buffer(nbytes, hugepages=False)
+        scratch = _scratch.buffer = aligned_buffer(nbytes)
     return scratch
 
 
