@@ -645,6 +645,31 @@ def fsync_write_bandwidth(
             "file_bytes": file_bytes, "gb_per_s": total / seconds / GB}
 
 
+def mixed_io_rate(read_paths: Sequence[str | os.PathLike], directory: str | os.PathLike,
+                  file_bytes: int | None = None) -> dict[str, Any]:
+    """The disk reading and writing at once: a sequential ``O_DIRECT`` read of ``read_paths``
+    (:func:`shardset.bench.direct_read`) on one thread while another writes as many bytes
+    durably into ``directory`` (:func:`fsync_write_bandwidth`, ``file_bytes`` per file).
+    ``gb_per_s`` is both directions' bytes over the time until both finished (what a job that
+    keeps the disk reading and writing can move); ``read_gb_per_s`` and ``write_gb_per_s`` are
+    each direction over its own time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shardset.bench import direct_read
+
+    paths = list(read_paths)
+    total = sum(os.path.getsize(p) for p in paths)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        read = pool.submit(direct_read, paths)
+        write = pool.submit(fsync_write_bandwidth, directory, total, file_bytes=file_bytes)
+        r, w = read.result(), write.result()
+    seconds = time.perf_counter() - t0
+    return {"bytes_read": r["bytes"], "bytes_written": w["bytes"], "seconds": seconds,
+            "read_gb_per_s": r["gb_per_s"], "write_gb_per_s": w["gb_per_s"],
+            "gb_per_s": (r["bytes"] + w["bytes"]) / seconds / GB}
+
+
 def rows_for(gib: float, features: int, block_mb: int) -> int:
     """Rows of X (d floats) + y filling about ``gib`` GiB in whole blocks of ``block_mb``,
     or fewer rows than one block (a single short block) for a smaller ``gib``."""

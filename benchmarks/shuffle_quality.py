@@ -30,6 +30,13 @@ Three parts:
    the scatter's and the gather's share of the time, and the bytes the shuffle's
    processes wrote to and read from the disk per byte of data (``/proc/PID/io``:
    bucket pages deleted before the kernel wrote them out are not counted).
+   Each round also measures what the disk allows a shuffle: its ``O_DIRECT``
+   read rate and its rate reading and writing at once
+   (:func:`benchmarks.common.mixed_io_rate`; this disk is nearly half duplex),
+   hence the *I/O-bound ratio*, the ratio a shuffle moving the bytes this one
+   moved at that rate would reach, the shuffle's time against that bound, and
+   whether the disk or the CPU (CPU-seconds over the cores other programs
+   left free) binds.
    ``--memory-limit-mib M`` runs each shuffle in a memory cgroup of ``M`` MiB
    (its page cache included), so that a store larger than ``M`` is larger than
    the memory the shuffle may use: the buckets cannot stay in the page cache
@@ -59,6 +66,7 @@ import numpy as np
 
 import shardset
 from shardset import ShardedDataset
+from shardset.bench import direct_read
 
 from . import common
 from .common import fmt, fmt_ratio, print_table, ratio_summary, summarize, verdict
@@ -251,10 +259,14 @@ def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]
         shardset.generate_regression(src, rows=rows, features=16, block_rows=block_rows, workers=1, progress=False)
         layout = shardset.BlockStore.open(src).layout
         budget = shuffle_rss_budget(layout, layout)  # the output keeps the input's blocks
-        runs, rss, disk, resident, other, cgroup_peak = [], [], [], [], [], []
+        runs, rss, disk, resident, other, cgroup_peak, read, mixed = [], [], [], [], [], [], [], []
 
         def measure_disk() -> None:
             disk.append(common.fsync_write_bandwidth(root, rows * row_bytes, file_bytes=block_bytes)["gb_per_s"])
+            # what the disk can do besides writing: read alone, and read and write at once (it is
+            # nearly half duplex, and a shuffle that spills its buckets does both)
+            read.append(direct_read(common.tree_files(src))["gb_per_s"])
+            mixed.append(common.mixed_io_rate(common.tree_files(src), root, file_bytes=block_bytes))
 
         def measure_shuffle() -> None:
             resident.append(common.evict_verified(common.tree_files(src))["resident_after"])
@@ -279,6 +291,9 @@ def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]
                 step()
         data = rows * row_bytes
         gbs = [data / run["seconds"] / common.GB for run in runs]
+        cores = len(os.sched_getaffinity(0))
+        bounds = [_io_bound(run, data, w, m["gb_per_s"], cores - busy)
+                  for run, w, m, busy in zip(runs, disk, mixed, other)]
         rec = {
             "mib": mib, "rows": rows, "block_rows": block_rows, "block_bytes": block_bytes, "blocks": layout.num_blocks,
             "larger_than_ram": data > ram, "memory_limit_bytes": limit,
@@ -299,6 +314,17 @@ def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]
             "disk_written_per_byte": summarize(run["disk_write_bytes"] / data for run in runs),
             "disk_read_per_byte": summarize(run["disk_read_bytes"] / data for run in runs),
             "other_busy_cores_during_shuffle": summarize(other),
+            # the disk's limit, measured in each round beside the baseline: see _io_bound
+            "disk_read_gb_per_s": summarize(read),
+            "disk_mixed_gb_per_s": summarize(m["gb_per_s"] for m in mixed),
+            "disk_mixed_read_write_gb_per_s": [summarize(m["read_gb_per_s"] for m in mixed),
+                                               summarize(m["write_gb_per_s"] for m in mixed)],
+            "io_bound_ratio": summarize(b["io_bound_ratio"] for b in bounds),
+            "shuffle_over_io_bound": summarize(b["shuffle_over_io_bound"] for b in bounds),
+            "cpu_bound_seconds": summarize(b["cpu_bound_s"] for b in bounds),
+            "io_bound_seconds": summarize(b["io_bound_s"] for b in bounds),
+            "io_bound_gb_per_s": summarize(data / b["io_bound_s"] / common.GB for b in bounds),
+            "binds": [b["binds"] for b in bounds],
             "runs": runs,
         }
         out.append(rec)
@@ -307,11 +333,33 @@ def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]
               f"peak RSS {fmt(rec['peak_rss_bytes_over_baseline'], 1 / common.MiB, digits=0)} MiB "
               f"(budget {budget / common.MiB:.0f} MiB), {fmt(rec['shuffle_cpu_s_per_gb'], digits=1)} CPU-s/GB, "
               f"written {fmt(rec['disk_written_per_byte'])} B/B, read {fmt(rec['disk_read_per_byte'])} B/B, "
-              f"other programs busy {fmt(rec['other_busy_cores_during_shuffle'], digits=1)} cores", flush=True)
+              f"other programs busy {fmt(rec['other_busy_cores_during_shuffle'], digits=1)} cores; disk read "
+              f"{fmt(rec['disk_read_gb_per_s'])} GB/s, read+write at once {fmt(rec['disk_mixed_gb_per_s'])} GB/s: "
+              f"I/O-bound ratio {fmt(rec['io_bound_ratio'])}, shuffle at {fmt(rec['shuffle_over_io_bound'])} of it, "
+              f"bound by {'/'.join(rec['binds'])}", flush=True)
         shutil.rmtree(src)
     if not out:
         raise SystemExit("no write-shuffle size fits on this disk; give smaller --shuffle-mib")
     return out
+
+
+def _io_bound(run: dict[str, Any], data: int, write_gb_per_s: float, mixed_gb_per_s: float,
+              free_cores: float) -> dict[str, Any]:
+    """How close one shuffle ``run`` of ``data`` bytes came to what this disk and CPU allow.
+
+    The shuffle moved ``disk_read_bytes + disk_write_bytes``; at the rate the disk reaches
+    reading and writing at once (``mixed_gb_per_s``) that takes ``io_bound_s``, and a shuffle
+    taking that long reaches ``io_bound_ratio`` = baseline write time / ``io_bound_s``
+    against the durable sequential write (a reference more than a hard limit: reads and
+    writes done at separate times go a little faster than together on this disk).
+    ``cpu_bound_s`` is its CPU time spread over the cores other programs left free (the
+    shuffle runs beside them, not instead of them); the larger of the two bounds is what
+    binds."""
+    io_s = (run["disk_read_bytes"] + run["disk_write_bytes"]) / (mixed_gb_per_s * common.GB)
+    cpu_s = run["cpu_s"] / max(free_cores, 0.1)
+    return {"io_bound_s": io_s, "cpu_bound_s": cpu_s,
+            "io_bound_ratio": data / (write_gb_per_s * common.GB) / io_s if io_s else float("inf"),
+            "shuffle_over_io_bound": io_s / run["seconds"], "binds": "disk" if io_s >= cpu_s else "cpu"}
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -384,17 +432,22 @@ def main(argv=None) -> dict[str, Any]:
         limit = "" if args.memory_limit_mib is None else f", each shuffle in a memory cgroup of {args.memory_limit_mib} MiB"
         result["write_shuffle_table"] = print_table(
             ["store", "shuffle GB/s", "block files+fsync GB/s", "ratio", "scatter share", "peak anon RSS MiB",
-             "budget MiB", "CPU-s / GB", "disk written / read per byte", "other load (cores)"],
+             "budget MiB", "CPU-s / GB", "disk written / read per byte", "other load (cores)",
+             "disk read / read+write at once GB/s", "I/O-bound ratio", "shuffle / I/O bound", "binds"],
             [(f"{r['mib'] / 1024:g} GiB, {r['blocks']} blocks", fmt(r["shuffle_gb_per_s"]), fmt(r["disk_write_gb_per_s"]),
               fmt_ratio(r["shuffle_over_disk"]), fmt(r["scatter_share_of_time"]),
               fmt(r["peak_rss_bytes_over_baseline"], 1 / common.MiB, digits=0), f"{r['rss_budget_bytes'] / common.MiB:.0f}",
               fmt(r["shuffle_cpu_s_per_gb"], digits=1),
               f"{r['disk_written_per_byte']['median']:.2f} / {r['disk_read_per_byte']['median']:.2f}",
-              fmt(r["other_busy_cores_during_shuffle"], digits=1)) for r in s],
+              fmt(r["other_busy_cores_during_shuffle"], digits=1),
+              f"{fmt(r['disk_read_gb_per_s'])} / {fmt(r['disk_mixed_gb_per_s'])}", fmt(r["io_bound_ratio"]),
+              fmt(r["shuffle_over_io_bound"]), "/".join(r["binds"])) for r in s],
             title=f"write-time shuffle (shuffle_store, both passes on all cores, input evicted), blocks of "
                   f"{args.shuffle_block_mib} MiB = B, R = B / 68 rows; peak anonymous RSS of the largest process over a "
                   f"fresh interpreter's; budget max(2 B + 26 R, 3 B + 12 R + min(B, 4 MiB)) + 8 MiB per process "
                   f"(shuffle_rss_budget; the third B: the writer's padded copy of a short last block); "
+                  f"I/O-bound ratio: the ratio a shuffle moving the measured bytes at the read+write rate "
+                  f"would reach; binds: disk or CPU, per round; "
                   f"RAM {desc['ram_total_gib']} GiB"
                   f"{limit}",
         )
@@ -445,7 +498,8 @@ def _plot_quality(q: dict[str, Any], b: int, a1, a2) -> None:
 
 def _plot_write_shuffle(s: list[dict[str, Any]], a3) -> None:
     gib = [r["mib"] / 1024 for r in s]
-    for key, label in (("shuffle_gb_per_s", "shuffle_store"), ("disk_write_gb_per_s", "block files written + fsynced")):
+    for key, label in (("shuffle_gb_per_s", "shuffle_store"), ("disk_write_gb_per_s", "block files written + fsynced"),
+                       ("io_bound_gb_per_s", "I/O bound: its disk bytes at the read+write rate")):
         med, lo, hi = zip(*(common.errbar(r[key]) for r in s))
         a3.errorbar(gib, med, yerr=[lo, hi], fmt="o-", capsize=3, label=f"{label} (GB/s)")
     a3.set_xscale("log", base=2)

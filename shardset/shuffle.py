@@ -11,15 +11,17 @@ pseudorandom sample of the whole dataset, already in random order.
 It is a two-pass bucket scatter that never holds more than a few blocks
 (:func:`shuffle_rss_budget`), whatever the size of the data:
 
-1. *scatter*: read the input a block at a time in order, compute every row's
-   destination, sort the rows by destination block and append each run (its
-   offsets inside the block and its values, one ``writev``) to that block's
-   bucket file.  The buckets are not fsynced: a marker file records the
+1. *scatter*: read the input a block at a time in order (the next block on a
+   thread, into the same buffer, once this one's rows are sorted), compute
+   every row's destination, sort the rows by destination block and append each
+   run (its offsets inside the block and its values, one ``writev``) to that
+   block's bucket file.  The buckets are not fsynced: a marker file records the
    parameters and every bucket file's size and crc32c.
 2. *gather*: for each destination block, read its bucket, checking it against
    the marker, put every row at its offset (``np.put`` per run and field) and
    write the block through :func:`shardset.write_blocks`, with its durability
-   and completion records; the buckets of blocks already durable are deleted.
+   and completion records; the buckets of blocks already durable are deleted,
+   and the next block's are read into the page cache meanwhile.
 
 Disk: the buckets take as much space as the data, next to the output (or in
 ``tmp_dir``) until the output is complete; data that fits the page cache
@@ -41,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -48,10 +51,10 @@ import shutil
 import sys
 import tempfile
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from crc32c import crc32c
@@ -61,7 +64,7 @@ from .errors import ArgumentError, ShardsetError, StoreFormatError, StoreURLErro
 from .format import DEFAULT_BLOCK_MB, Layout, check_int
 from .lock import locked
 from .permutation import FeistelPermutation
-from .store import BlockStore, _writev_all
+from .store import BlockStore, _writev_all, fadvise
 from .urls import REMOTE_SCHEMES, parse_url, worker_start_method
 from .writer import _die_with_parent, _resolve_workers, layout_for, open_for_writing, write_blocks
 
@@ -95,7 +98,8 @@ def shuffle_rss_budget(src: Layout, dst: Layout) -> int:
     With ``B = block_rows * row_bytes`` and ``R = block_rows`` of the input (``src``)
     and output (``dst``) layouts, the budget is
     ``max(2 B_in + 26 R_in, K B_out + 12 R_out + min(B_out, 4 MiB)) + 8 MiB``:
-    a scatter process holds one input block, the same rows sorted by destination,
+    a scatter process holds one input block (the next one is read into the same
+    buffer once its rows are sorted), the same rows sorted by destination,
     and 26 bytes of indices per row (a 2-byte block key, a 4-byte offset and its
     sorted copy, the sort's 8-byte order and its 8-byte work array); a gather
     process two output blocks (one being filled, one being written), one run of
@@ -233,8 +237,11 @@ def shuffle_store(
     ``max(2 B_in + 26 R_in, 3 B_out + 12 R_out + min(B_out, 4 MiB)) + 8 MiB``
     beyond the interpreter (``R`` rows and ``B = R * row_bytes`` bytes per block
     of the input and the output; ``2 B_out`` when the output's last block is
-    whole: :func:`shuffle_rss_budget`), so about ``3 * workers`` blocks in all.  The scatter reads the input with ``O_DIRECT``
-    (it is read once: no page cache to fill and evict).
+    whole: :func:`shuffle_rss_budget`), so about ``3 * workers`` blocks in all.  The scatter
+    reads the input with ``O_DIRECT`` (it is read once: no page cache to fill and evict),
+    each block on a thread while the one before is written to its buckets and the
+    destinations of its own rows are computed; the gather has the kernel
+    read the next block's buckets while it writes one, so the disk need not wait for the CPU.
     """
     src_url, dst_url = parse_url(src), parse_url(dst)
     if (src_url.is_local and dst_url.is_local and os.path.realpath(src_url.local_path) == os.path.realpath(
@@ -273,24 +280,51 @@ def shuffle_store(
 
 def _scatter_store_part(buckets: "_Buckets", src: str, part: int, parts: int, seed: int, show: bool,
                         storage_options: Mapping[str, Any] | None = None) -> tuple[int, list[list[int]]]:
-    """Scatter blocks ``part, part + parts, ...`` of the store ``src`` into bucket part ``part``."""
+    """Scatter blocks ``part, part + parts, ...`` of the store ``src`` into bucket part ``part``,
+    each read on a thread while the one before it is scattered (into the same buffers: see
+    :func:`_read_ahead`)."""
     store = BlockStore.open(src, storage_options=storage_options)
     lay = store.layout
+    mine = range(part, lay.num_blocks, parts)
     bufs = {name: store.new_buffer(name) for name in lay.fields}
 
-    def chunks() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        for b in range(part, lay.num_blocks, parts):
-            yield b * lay.block_rows, {name: store.read_block(name, b, bufs[name], direct=True) for name in lay.fields}
+    def read(b: int) -> dict[str, np.ndarray]:
+        return {name: store.read_block(name, b, bufs[name], direct=True) for name in lay.fields}
 
-    return buckets.scatter_part(part, chunks(), shuffled_position(lay.rows, seed), show)
+    chunks = ((b * lay.block_rows, lay.block_len(b), get, done)
+              for b, (get, done) in zip(mine, _read_ahead(read, mine)))
+    return buckets.scatter_part(part, chunks, shuffled_position(lay.rows, seed), show)
 
 
-def _numbered(chunks: Iterable[Mapping[str, np.ndarray]]) -> Iterator[tuple[int, Mapping[str, np.ndarray]]]:
-    """``(first row, chunk)`` for consecutive chunks."""
+def _read_ahead(read: Callable[[Any], Any], items: Sequence[Any]
+                ) -> Iterator[tuple[Callable[[], Any], Callable[[], None]]]:
+    """``(get, done)`` for each of ``items``: ``get()`` waits for ``read(item)``, run on a thread.
+
+    ``done()`` says the caller is finished with what ``get`` returned; it starts the read of
+    the next item, which may reuse that memory, while the caller goes on with its work: a
+    scatter computes the next block's destinations, which need no data, while it is read.
+    (Called or not, ``done`` takes effect when the next item is asked for.)"""
+    started, ahead = -1, None
+    with ThreadPoolExecutor(1, thread_name_prefix="shardset-scatter-read") as pool:
+
+        def start(k: int) -> None:
+            nonlocal started, ahead
+            if k == started + 1 and k < len(items):
+                ahead, started = pool.submit(read, items[k]), k
+
+        for k in range(len(items)):
+            start(k)
+            yield ahead.result, functools.partial(start, k + 1)
+
+
+def _numbered(chunks: Iterable[Mapping[str, np.ndarray]]) -> Iterator[tuple[int, int, Callable, Callable]]:
+    """``(first row, rows, get, done)`` for consecutive chunks in memory, as
+    :meth:`_Buckets.scatter_part` takes them."""
     start = 0
     for chunk in chunks:
-        yield start, chunk
-        start += len(next(iter(chunk.values())))
+        n = len(next(iter(chunk.values()))) if chunk else 0
+        yield start, n, lambda chunk=chunk: chunk, lambda: None
+        start += n
 
 
 def _show(progress: bool | None) -> bool:
@@ -348,16 +382,18 @@ class _Buckets:
         self.root.mkdir(parents=True)
 
     def scatter_part(
-        self, part: int, chunks: Iterable[tuple[int, Mapping[str, np.ndarray]]], position: FeistelPermutation,
-        show: bool,
+        self, part: int, chunks: Iterable[tuple[int, int, Callable[[], Mapping[str, np.ndarray]], Callable[[], None]]],
+        position: FeistelPermutation, show: bool,
     ) -> tuple[int, list[list[int]]]:
-        """Scatter ``(first row, chunk)`` pairs into bucket part ``part``; returns the rows
-        scattered and ``[bytes, crc32c]`` of each of the part's files, for :meth:`finish`."""
+        """Scatter ``(first row, rows, get, done)`` chunks into bucket part ``part``: ``get()``
+        returns the chunk's fields, ``done()`` is called once they are no longer needed (see
+        :func:`_read_ahead`).  Returns the rows scattered and ``[bytes, crc32c]`` of each of
+        the part's files, for :meth:`finish`."""
         rows, sums, scratch = 0, [[0, 0] for _ in range(self.layout.num_blocks)], _Scratch()
         with tqdm(total=self.layout.nbytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not show,
                   desc="scattering", dynamic_ncols=True) as bar:
-            for start, chunk in chunks:
-                n = self._scatter_chunk(start, chunk, position, part, sums, scratch)
+            for start, n, get, done in chunks:
+                self._scatter_chunk(start, n, get, done, position, part, sums, scratch)
                 rows += n
                 bar.update(n * self.layout.row_bytes)
         return rows, sums
@@ -373,13 +409,10 @@ class _Buckets:
         os.replace(tmp, self.root / _MARKER)
 
     def _scatter_chunk(
-        self, start: int, chunk: Mapping[str, np.ndarray], position: FeistelPermutation, part: int,
-        sums: list[list[int]], scratch: "_Scratch",
-    ) -> int:
+        self, start: int, n: int, get: Callable[[], Mapping[str, np.ndarray]], done: Callable[[], None],
+        position: FeistelPermutation, part: int, sums: list[list[int]], scratch: "_Scratch",
+    ) -> None:
         lay = self.layout
-        if set(chunk) != set(lay.fields):
-            raise ArgumentError(f"input has fields {sorted(chunk)}, expected {sorted(lay.fields)}")
-        n = len(chunk[self.fields[0][0]])
         if start + n > lay.rows:
             raise ArgumentError(f"the input holds more than the declared {lay.rows} rows")
         # The temporaries live in scratch buffers reused chunk after chunk (fresh pages cost more to
@@ -388,20 +421,31 @@ class _Buckets:
         # sort) and its offset inside the block: no array of n 8-byte destinations.
         keys = scratch.get("keys", n, np.uint16 if lay.num_blocks <= 1 << 16 else np.uint32)
         offsets = scratch.get("offsets", n, np.dtype("<u4"))
+        # (one int64 division, then a multiply-subtract: half the time of dividing twice straight
+        # into the narrow types, whose casting loops are slow)
+        quotients = scratch.get("quotients", min(n, _INDEX_PIECE), np.int64)
         for lo in range(0, n, _INDEX_PIECE):
             hi = min(n, lo + _INDEX_PIECE)
             dest = position(np.arange(start + lo, start + hi, dtype=np.int64))
-            np.floor_divide(dest, lay.block_rows, out=keys[lo:hi], casting="unsafe")
-            np.remainder(dest, lay.block_rows, out=offsets[lo:hi], casting="unsafe")
+            q = np.floor_divide(dest, lay.block_rows, out=quotients[: hi - lo])
+            keys[lo:hi] = q
+            dest -= np.multiply(q, lay.block_rows, out=q)
+            offsets[lo:hi] = dest
         order = np.argsort(keys, kind="stable")
         counts = np.bincount(keys, minlength=lay.num_blocks).astype("<u8")
         bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         # np.take, not fancy indexing: several times faster for rows of a few bytes
         columns = [np.take(offsets, order, out=scratch.get("column -1", n, offsets.dtype), mode="clip")]
+        chunk = get()  # the data is needed from here on only, and not after the rows are sorted
+        if set(chunk) != set(lay.fields):
+            raise ArgumentError(f"input has fields {sorted(chunk)}, expected {sorted(lay.fields)}")
         for i, (name, spec) in enumerate(self.fields):
+            if len(chunk[name]) != n:
+                raise ArgumentError(f"input field {name!r} has {len(chunk[name])} rows in a chunk of {n}")
             out = scratch.get(f"column {i}", n, np.dtype(spec.dtype), spec.shape)
             columns.append(np.take(np.asarray(chunk[name], dtype=spec.dtype), order, axis=0, out=out, mode="clip"))
-        del order
+        del order, chunk
+        done()
         for b in np.flatnonzero(counts).tolist():
             a, z = bounds[b], bounds[b + 1]
             run = [counts[b : b + 1].view(np.uint8)] + [col[a:z].reshape(-1).view(np.uint8) for col in columns]
@@ -413,7 +457,6 @@ class _Buckets:
             for piece in run:
                 sums[b][1] = crc32c(piece, sums[b][1])
                 sums[b][0] += len(piece)
-        return n
 
     def fill(self, block: int, out: Mapping[str, np.ndarray]) -> None:
         # The writer keeps one block in flight while the next is filled: the blocks filled before
@@ -431,6 +474,17 @@ class _Buckets:
         if rows != self.layout.block_len(block):  # the checksums matched: only a bug gets here
             raise StoreFormatError(f"shuffle bucket {self.path(block, 0)} holds {rows} rows, not "
                                    f"{self.layout.block_len(block)}")
+        if len(self._filled) == 2:  # the writer hands this process every k-th missing block: guess the stride
+            self._read_soon(2 * block - self._filled[0])
+
+    def _read_soon(self, block: int) -> None:
+        """Have the kernel read ``block``'s bucket files into the page cache now, while this
+        block is written and the previous one waited for: the next :meth:`fill` then finds
+        them there instead of waiting on the disk.  A wrong guess of the next block costs
+        only a useless read; a missing bucket is reported by the gather of its block."""
+        if 0 <= block < self.layout.num_blocks:
+            for p in range(self.parts):
+                fadvise(self.path(block, p), "POSIX_FADV_WILLNEED", self.sums[p][block][0])
 
     def _place(self, block: int, part: int, targets: list[tuple[np.ndarray, int]]) -> int:
         """Put every row of one bucket file at its offset in ``targets`` (one row array per field)
@@ -439,6 +493,8 @@ class _Buckets:
         The file is read a run at a time and a field's values in pieces of at most
         ``_PIECE`` bytes, so memory holds one run's offsets, not the bucket."""
         size, crc = self.sums[part][block]
+        if size == 0:  # this part sent no row to this block, so it wrote no file
+            return 0
         path, scratch = self.path(block, part), self._scratch
         at, running, rows = 0, 0, 0
 

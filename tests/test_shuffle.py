@@ -1,18 +1,22 @@
 """Write-time shuffling: a permutation of the input rows, deterministic, mixed across blocks, resumable."""
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import shardset
+from benchmarks.common import resident_bytes_of
 from shardset import BlockStore
+from shardset.bench import evict
 from shardset.cli import main
 from shardset.errors import ArgumentError, CorruptBlockError, IncompleteStoreError, ShardsetError, StoreFormatError
 from shardset.format import ATTRS_KEY
 from shardset.quality import within_block_correlation
-from shardset.shuffle import SHUFFLE_NAME, shuffle_store, shuffled_position, write_shuffled
+from shardset.shuffle import SHUFFLE_NAME, _Buckets, _read_ahead, shuffle_store, shuffled_position, write_shuffled
 
 from conftest import id_arrays, mixed_arrays
 
@@ -178,3 +182,85 @@ def test_cli_shuffle_and_its_errors(tmp_path, capsys):
     assert main(["shuffle", src, str(tmp_path / "other.zarr"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "incomplete" in err[0]
+
+
+def test_the_scatter_reads_the_next_block_into_the_same_buffer_while_it_works():
+    n = 5
+    started = [threading.Event() for _ in range(n + 1)]
+    finished: set[int] = set()
+    apart, overlapped, got = [], [], []
+
+    def read(i: int) -> int:
+        started[i].set()
+        apart.append(i == 0 or i - 1 in finished)  # one buffer: the caller is done with read(i - 1)
+        if i == 3:
+            raise CorruptBlockError("block 3 is torn")
+        return i
+
+    with pytest.raises(CorruptBlockError, match="block 3"):
+        for get, done in _read_ahead(read, range(n)):
+            x = get()
+            got.append(x)
+            finished.add(x)
+            done()
+            overlapped.append(started[x + 1].wait(5))  # the next read runs while the caller works on
+    assert got == [0, 1, 2] and overlapped == [True] * 3 and all(apart)  # the error comes in its turn
+    # a caller that never says done gets every item all the same
+    assert [get() for get, _ in _read_ahead(lambda i: i * i, range(4))] == [0, 1, 4, 9]
+    assert list(_read_ahead(read, [])) == []
+
+
+def test_a_torn_last_block_read_ahead_by_a_scatter_process_fails_the_shuffle_then_resumes(tmp_path):
+    src = shardset.write(tmp_path / "src.zarr", id_arrays(6000), block_rows=500, progress=False).where
+    ref = shuffle_store(src, tmp_path / "ref.zarr", seed=4, workers=2, progress=False).where
+    chunk = Path(BlockStore.open(src).chunk_path("y", 11))  # part 1 reads it while it scatters block 9
+    good = chunk.read_bytes()
+    chunk.write_bytes(good[:-9] + bytes(9))
+    with pytest.raises(CorruptBlockError):
+        shuffle_store(src, tmp_path / "dst.zarr", seed=4, workers=2, progress=False)
+    chunk.write_bytes(good)
+    shuffle_store(src, tmp_path / "dst.zarr", seed=4, workers=2, progress=False)
+    assert chunk_bytes(tmp_path / "dst.zarr") == chunk_bytes(ref)
+
+
+def test_the_gather_has_the_next_bucket_read_ahead_and_still_checks_it(tmp_path):
+    rows, br = 6000, 1000
+    src, dst, buckets = id_arrays(rows, features=64), tmp_path / "dst.zarr", tmp_path / "buckets"
+    ref = shardset.write(tmp_path / "ref.zarr", src, block_rows=br, shuffle=True, seed=2, progress=False)
+
+    def chunks_then_an_obstacle():  # the scatter finishes, the gather fails at once
+        yield from ({k: v[i : i + br] for k, v in src.items()} for i in range(0, rows, br))
+        Path(BlockStore.open(dst).chunk_path("X", 0)).mkdir(parents=True)
+
+    with pytest.raises((OSError, ShardsetError)):
+        write_shuffled(dst, ref.layout, chunks_then_an_obstacle(), seed=2, tmp_dir=buckets, progress=False)
+    root = buckets / "dst.zarr.shuffle-tmp"
+    gather = _Buckets(root, BlockStore.open(dst).layout, dst)
+    assert gather.ready()
+    files = sorted(root.glob("[0-9]*.0"))
+    evict(files)
+    if any(resident_bytes_of(f)[0] for f in files):
+        pytest.skip("this file system keeps files in memory: nothing to read ahead")
+    stored = BlockStore.open(ref.where)
+    for b in (0, 1):  # blocks 0 and 1 in turn: the next, block 2, is read ahead
+        assert np.array_equal(gather(b)["y"], stored.read_block("y", b))
+    deadline = time.monotonic() + 10
+    while resident_bytes_of(root / "2.0")[0] < (root / "2.0").stat().st_size and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert resident_bytes_of(root / "2.0")[0] == (root / "2.0").stat().st_size
+    assert resident_bytes_of(root / "4.0")[0] == 0
+    (root / "2.0").write_bytes((root / "2.0").read_bytes()[:-4])  # torn after it was read ahead
+    with pytest.raises(StoreFormatError, match="not what the scatter wrote"):
+        gather(2)
+    assert not (root / "scattered.json").exists()
+
+
+def test_a_scatter_process_that_sends_no_row_to_a_block_is_no_torn_bucket(tmp_path):
+    rows, parts = 10, 2
+    src = shardset.write(tmp_path / "src.zarr", id_arrays(rows), block_rows=2, progress=False).where
+    dest_block = shuffled_position(rows, 0)(np.arange(rows)) // 4  # 3 output blocks of 4, 4 and 2 rows
+    part_of_row = np.arange(rows) // 2 % parts  # input block b goes to scatter process b % 2
+    assert any(set(dest_block[part_of_row == p]) != {0, 1, 2} for p in range(parts))  # an empty bucket
+    one = shuffle_store(src, tmp_path / "one.zarr", seed=0, block_rows=4, workers=1, progress=False)
+    two = shuffle_store(src, tmp_path / "two.zarr", seed=0, block_rows=4, workers=parts, progress=False)
+    assert chunk_bytes(two.where) == chunk_bytes(one.where)

@@ -2,13 +2,16 @@
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 import zarr
 
 import shardset
+from benchmarks.common import resident_bytes_of
 from shardset import BlockStore, CorruptBlockError, FieldSpec, Layout, StoreFormatError
+from shardset.bench import evict
 from shardset.format import SLICES_PER_BLOCK, blocks_to_ranges, block_rows_for, ranges_to_blocks
 
 
@@ -195,3 +198,19 @@ def test_newer_format_version_is_refused(tmp_path):
     g.attrs["shardset"] = meta
     with pytest.raises(StoreFormatError, match="version 99"):
         BlockStore.open(path)
+
+
+def test_will_need_has_the_whole_chunk_read_not_one_readahead_window(tmp_path):
+    """Linux reads at most the device's readahead window per POSIX_FADV_WILLNEED call
+    (8 MiB here): the hint for a 24 MiB chunk must bring in all of it."""
+    store = shardset.write(tmp_path / "s.zarr", {"x": np.zeros((3 << 20, 2), np.float32)}, block_rows=3 << 20,
+                           progress=False)
+    path = store.chunk_path("x", 0)
+    evict([path])
+    if resident_bytes_of(path)[0]:
+        pytest.skip("this file system keeps files in memory: nothing to read ahead")
+    store.will_need("x", 0)
+    deadline = time.monotonic() + 20
+    while resident_bytes_of(path)[0] < path.stat().st_size and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert resident_bytes_of(path)[0] == path.stat().st_size
