@@ -8,7 +8,8 @@ client) records each block as complete once its task has returned, so the
 metadata has a single writer and never lists a block whose chunk is not
 stored.  Because a block is a pure function of its id, the bytes are the same
 as a local run, whatever the number of workers or the task order, and a rerun
-writes only the missing blocks.  The workers must reach the store: an object
+writes only the missing blocks.  Each task writes outside the worker's thread
+pool, so a worker makes its next block meanwhile.  The workers must reach the store: an object
 store, or a filesystem they share with the client.  The progress bar is
 Dask's own ``TextProgressBar`` (the dashboard shows the same tasks).
 
@@ -32,6 +33,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .errors import ShardsetError
+from .format import Layout
 from .store import BlockStore
 from .urls import parse_url
 from .writer import _Progress, block_arrays
@@ -70,32 +72,53 @@ def run_dask(
 
 
 def _write_block(block: int, *, where: str, storage_options: Mapping[str, Any], make_block) -> int:
-    """One task: make and write ``block`` in a worker process; returns the block id."""
+    """One task: make and write ``block`` in a worker process; returns the block id.
+
+    The write leaves the worker's thread pool (``distributed.secede``), so the worker
+    makes its next block while this one goes to the store, as a process of the local
+    pool does with its writer thread; a task whose write would exceed one per worker
+    thread waits first, so a worker holds at most two blocks per thread.
+    """
+    from distributed import get_worker, secede
+
     key = (where, tuple(sorted((k, str(v)) for k, v in storage_options.items())), os.getpid())
     store = _OPEN.get(key)
     if store is None:
         store = _OPEN[key] = BlockStore.open(where, mode="r+", storage_options=storage_options)
-    store.write_block(block, _made(make_block, store.layout, block))
+    arrays, spare = _made(make_block, store.layout, block)
+    with _LOCK:
+        writes = _WRITES.setdefault(os.getpid(), threading.BoundedSemaphore(get_worker().state.nthreads))
+    writes.acquire()
+    try:
+        secede()
+        store.write_block(block, arrays)
+    finally:
+        writes.release()
+        if spare is not None:
+            with _LOCK:
+                _SPARE.append(spare)
     return block
 
 
-_BUFFERS = threading.local()  # per worker thread: a block's arrays, reused by every task it runs
+_LOCK = threading.Lock()
+_WRITES: dict[int, threading.BoundedSemaphore] = {}  # per worker process: blocks being written at once
+_SPARE: list[tuple[Layout, dict[str, np.ndarray]]] = []  # per worker process: block arrays free for reuse
 
 
-def _made(make_block, layout, block: int):
-    """Block ``block`` from ``make_block``, filled into this thread's reused arrays when it
-    can: fresh memory for every 64 MB block costs page faults, and on some VMs they cost as
-    much as generating the block."""
+def _made(make_block, layout: Layout, block: int) -> tuple[Mapping[str, np.ndarray], tuple | None]:
+    """Block ``block`` from ``make_block`` and the reusable arrays it fills, if any (to
+    go back to ``_SPARE`` once written): fresh memory for every 64 MB block costs page
+    faults, and on some VMs they cost as much as generating the block."""
     fill = getattr(make_block, "fill", None)
     if fill is None:
-        return make_block(block)
-    bufs = getattr(_BUFFERS, "arrays", None)
-    if bufs is None or getattr(_BUFFERS, "layout", None) != layout:
-        bufs = _BUFFERS.arrays = block_arrays(layout)
-        _BUFFERS.layout = layout
-    out = {k: v[: layout.block_len(block)] for k, v in bufs.items()}
+        return make_block(block), None
+    with _LOCK:
+        mine = [i for i, (lay, _) in enumerate(_SPARE) if lay == layout]
+        spare = _SPARE.pop(mine[-1]) if mine else (layout, block_arrays(layout))
+        _SPARE[:] = [s for s in _SPARE if s[0] == layout]  # another store's arrays are not reused
+    out = {k: v[: layout.block_len(block)] for k, v in spare[1].items()}
     fill(block, out)
-    return out
+    return out, spare
 
 
 def _show_progress(futures: list, client: Any) -> None:
