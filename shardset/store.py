@@ -65,14 +65,14 @@ COMPRESSIONS = ("lz4", "zstd")
 CRC_BYTES = 4
 SLICE_TABLE = "slice_checksums"  # (block, field, slice) -> crc32c of the slice's bytes in the chunk
 TABLE_CACHE_BLOCKS = 4096  # slice tables kept in memory (4 KiB a field each at 1024 slices)
-# Object stores: a streamed GET hands over the body in pieces of at least this many bytes.
-# obstore joins its network reads (240 KiB on average against moto) until they reach it,
-# and each join is a copy: 256 KiB leaves moto's reads as they come while bounding the
-# Python work per byte where a backend's reads are small (TLS records are 16 KiB).
-# Against moto, pinned, 9 interleaved rounds: block loads at 0.88 and 0.96 of plain
-# GETs (1 and 2 in flight) with 0.74-0.75 ms of client CPU per MB, against 0.74 and
-# 0.74 with 1.05-1.07 ms/MB for 1 MiB pieces.
-STREAM_PIECE = 256 << 10
+# Object stores: a streamed GET hands over the body in pieces of at least this many bytes
+# (obstore joins its network reads, 240 KiB on average against moto, until they reach
+# it): few enough thread wake-ups per byte, and each piece still in cache when it is
+# checksummed.  Against moto on an idle machine, pinned, 5 interleaved rounds: block
+# loads at 0.80, 0.89 and 0.87 of plain GETs with 1, 2 and 4 in flight, against
+# 0.65, 0.65 and 0.63 for 256 KiB pieces (0.77, 0.78 and 0.99 for 4 MiB).  Runs on a
+# loaded machine had favoured 256 KiB: the choice was made on the quiet ones.
+STREAM_PIECE = 1 << 20
 ADVICE_PIECE = 1 << 20  # bytes per POSIX_FADV_WILLNEED call (see fadvise)
 
 
