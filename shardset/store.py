@@ -502,6 +502,12 @@ class BlockStore:
                 sizes = [size]
             else:
                 sizes = _fetch_ranges(self.group.store.store, key, buffer, want, self.read_part_bytes)
+        self._check_sizes(name, block, sizes, want)
+        return self._verified(name, block, buffer, want, crc)
+
+    def _check_sizes(self, name: str, block: int, sizes: list[int | None], want: int) -> None:
+        """Raise :class:`CorruptBlockError` unless every GET of the chunk (``sizes``, as
+        :func:`_stream_into` reports them) found an object of ``want`` bytes."""
         if None in sizes:
             raise CorruptBlockError(f"{self._describe(name, block)} is missing")
         wrong = [n for n in sizes if n != want]
@@ -509,7 +515,6 @@ class BlockStore:
             raise CorruptBlockError(f"{self._describe(name, block)} changed while it was being read")
         if wrong:
             raise CorruptBlockError(f"{self._describe(name, block)} has {wrong[0]} bytes, expected {want}")
-        return self._verified(name, block, buffer, want, crc)
 
     def _read_zarr(self, name: str, block: int, start: int, stop: int, buffer: np.ndarray | None) -> np.ndarray:
         arr = self.arrays[name]
@@ -621,11 +626,7 @@ class BlockStore:
             with remote_errors(self.where, f"reading {self._describe(name, block)} from"):
                 size = _stream_into(self.group.store.store, self.chunk_key(name, block), out, want,
                                     start=offset, stop=offset + nbytes, base=offset)[0]
-            if size is None:
-                raise CorruptBlockError(f"{self._describe(name, block)} is missing")
-            if size != want:
-                raise CorruptBlockError(f"{self._describe(name, block)} has {size} bytes, expected {want}"
-                                        if size >= 0 else f"{self._describe(name, block)} changed while it was being read")
+            self._check_sizes(name, block, [size], want)
             return out
         try:
             fd = os.open(path, os.O_RDONLY)
