@@ -36,7 +36,7 @@ from .errors import ShardsetError
 from .format import Layout
 from .store import BlockStore
 from .urls import parse_url
-from .writer import _Progress, block_arrays
+from .writer import _Progress, block_arrays, filled
 
 __all__ = ["run_dask"]
 
@@ -116,9 +116,7 @@ def _made(make_block, layout: Layout, block: int) -> tuple[Mapping[str, np.ndarr
         mine = [i for i, (lay, _) in enumerate(_SPARE) if lay == layout]
         spare = _SPARE.pop(mine[-1]) if mine else (layout, block_arrays(layout))
         _SPARE[:] = [s for s in _SPARE if s[0] == layout]  # another store's arrays are not reused
-    out = {k: v[: layout.block_len(block)] for k, v in spare[1].items()}
-    fill(block, out)
-    return out, spare
+    return filled(fill, layout, block, spare[1]), spare
 
 
 def _show_progress(futures: list, client: Any) -> None:

@@ -639,7 +639,10 @@ class BlockStore:
             if got is not None:
                 if len(got) < nbytes:
                     raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
-                return _placed(got, dest)
+                if dest is None:
+                    return got
+                dest[:] = got
+                return dest
             if hasattr(os, "posix_fadvise"):  # no readahead past the range: the next read is elsewhere
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             out = _scratch_buffer(nbytes)[:nbytes] if dest is None else dest
@@ -788,14 +791,6 @@ def _read_range_direct(fd: int, offset: int, nbytes: int) -> np.ndarray | None:
         return None
     lead = offset - start
     return scratch[lead : lead + max(0, min(nbytes, got - lead))]
-
-
-def _placed(data: np.ndarray, dest: np.ndarray | None) -> np.ndarray:
-    """``data``, copied into ``dest`` when one is given."""
-    if dest is None:
-        return data
-    dest[:] = data
-    return dest
 
 
 def _scratch_buffer(nbytes: int) -> np.ndarray:

@@ -290,14 +290,21 @@ def _produce(make_block: BlockFn, layout: Layout, blocks: Iterable[int]) -> Iter
         return
     ring = [block_arrays(layout) for _ in range(2)]
     for i, b in enumerate(blocks):
-        out = {k: v[: layout.block_len(b)] for k, v in ring[i % 2].items()}
-        fill(b, out)
-        yield b, out
+        yield b, filled(fill, layout, b, ring[i % 2])
 
 
 def block_arrays(layout: Layout) -> dict[str, np.ndarray]:
     """Uninitialized arrays for one whole block of ``layout``, one per field."""
     return {k: np.empty((layout.block_rows, *f.shape), f.dtype) for k, f in layout.fields.items()}
+
+
+def filled(fill: Callable[[int, Mapping[str, np.ndarray]], None], layout: Layout, block: int,
+           arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Block ``block`` made by ``fill`` into ``arrays`` (from :func:`block_arrays`, reused):
+    views of its rows, as many as the block holds."""
+    out = {k: v[: layout.block_len(block)] for k, v in arrays.items()}
+    fill(block, out)
+    return out
 
 
 def _write_loop(store: BlockStore, blocks: Iterable[tuple[int, Mapping[str, np.ndarray]]], done: Callable[[int], None]):
