@@ -12,15 +12,16 @@ Three parts:
 1. **Quality** (:mod:`shardset.quality`) of the order one epoch delivers from a
    store of regression rows sorted by y (label = decile of y, so every block
    holds one or two classes): no shuffle, block shuffle with windows
-   ``W = 1, 2, 4, 8``, and the same rows written with ``shuffle=True`` read with
-   ``W = 1``; beside each, a uniform shuffle of the same labels.  Measured VIF
+   ``W = 1, 2, 4, 8``, and the same rows written with ``shuffle=True`` (the row
+   shuffle) or copied by ``shuffle_store(method="segments")`` read with ``W = 1``;
+   beside each, a uniform shuffle of the same labels.  Measured VIF
    against ``1 + rho (b - 1) / W``.  Epochs 0..``--repeats``-1 give the
    median [min-max].  Blocks are small (``--block-rows``): the metrics depend
    on rows per block and per batch, not on bytes.
 2. **Throughput** of ``ShardedDataset`` with ``W = 8`` against ``W = 1`` on one
    store (warm page cache), rounds alternating the two, ratio per round.
 3. **Write-time shuffle** of a store (``shardset.shuffle_store`` with its
-   defaults: both passes on every core, the input evicted from the page cache
+   defaults, ``method=--shuffle-method``: every core, the input evicted from the page cache
    before each run) against the durable sequential write bandwidth of the same
    disk for the same bytes in the store's pattern: block-sized files, each
    written and fsynced (:func:`benchmarks.common.fsync_write_bandwidth`), the two
@@ -67,6 +68,7 @@ import numpy as np
 import shardset
 from shardset import ShardedDataset
 from shardset.bench import direct_read
+from shardset.format import SLICES_PER_BLOCK
 
 from . import common
 from .common import fmt, fmt_ratio, print_table, ratio_summary, summarize, verdict
@@ -104,7 +106,7 @@ def timed_gather(*args, **kwargs):
 
 shuffle.write_blocks = timed_gather
 t0, c0, io0 = time.perf_counter(), cpu(), io()
-shuffle.shuffle_store(sys.argv[1], sys.argv[2], seed=1, progress=False)
+shuffle.shuffle_store(sys.argv[1], sys.argv[2], seed=1, progress=False, method=sys.argv[4])
 t1, c1, io1 = time.perf_counter(), cpu(), io()
 t_s, c_s = marks["scatter_end"]
 print(json.dumps({"seconds": t1 - t0, "scatter_s": t_s - t0, "gather_s": t1 - t_s, "cpu_s": c1 - c0,
@@ -128,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shuffle-block-mib", type=int, default=32)
     p.add_argument("--memory-limit-mib", type=int, default=None,
                    help="run each shuffle in a memory cgroup of this many MiB, page cache included")
+    p.add_argument("--shuffle-method", choices=("rows", "segments"), default="rows",
+                   help="shuffle_store's method for the write-time shuffle part")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run, of {', '.join(PARTS)}")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--data-dir", default=None)
@@ -155,6 +159,7 @@ def quality(args, root: Path) -> dict[str, Any]:
     configs = [("no shuffle", stores["sorted"], 1, False)]
     configs += [(f"W = {w}", stores["sorted"], w, True) for w in WINDOWS]
     configs.append(("write shuffle + W = 1", stores["sorted write-shuffled"], 1, True))
+    configs.append(("segment shuffle + W = 1", stores["sorted segment-shuffled"], 1, True))
     out: dict[str, Any] = {}
     for name, path, window, shuffle in configs:
         reps = [
@@ -240,10 +245,12 @@ def memory_cgroup(limit_bytes: int | None) -> Iterator[dict[str, Any] | None]:
 def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]]:
     import psutil
 
+    from shardset import segment_shuffle
     from shardset.shuffle import shuffle_rss_budget
 
     row_bytes = 17 * 4
     block_rows = args.shuffle_block_mib * common.MiB // row_bytes
+    block_rows -= block_rows % SLICES_PER_BLOCK  # whole checksummed slices of a few rows, as block_mb gives them
     block_bytes = block_rows * row_bytes
     ram = psutil.virtual_memory().total
     limit = None if args.memory_limit_mib is None else args.memory_limit_mib * common.MiB
@@ -258,7 +265,8 @@ def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]
         src, dst = root / f"src-{mib}.zarr", root / f"dst-{mib}.zarr"
         shardset.generate_regression(src, rows=rows, features=16, block_rows=block_rows, workers=1, progress=False)
         layout = shardset.BlockStore.open(src).layout
-        budget = shuffle_rss_budget(layout, layout)  # the output keeps the input's blocks
+        budget = (shuffle_rss_budget(layout, layout) if args.shuffle_method == "rows"  # the output keeps the input's blocks
+                  else segment_shuffle.rss_budget(layout, layout, segment_shuffle.default_segments(layout)))
         runs, rss, disk, resident, other, cgroup_peak, read, mixed = [], [], [], [], [], [], [], []
 
         def measure_disk() -> None:
@@ -271,7 +279,8 @@ def write_shuffle(args, root: Path, baseline_anon: float) -> list[dict[str, Any]
         def measure_shuffle() -> None:
             resident.append(common.evict_verified(common.tree_files(src))["resident_after"])
             with memory_cgroup(limit) as cg:
-                proc = subprocess.Popen([sys.executable, "-c", _SHUFFLE_CHILD, str(src), str(dst), cg["procs"] if cg else ""],
+                proc = subprocess.Popen([sys.executable, "-c", _SHUFFLE_CHILD, str(src), str(dst), cg["procs"] if cg else "",
+                                         args.shuffle_method],
                                         cwd=common.REPO_ROOT, stdout=subprocess.PIPE, text=True)
                 with common.RssSampler(proc.pid, interval=0.02) as sampler, common.CpuLoad() as load:
                     report, _ = proc.communicate()
@@ -377,12 +386,13 @@ def main(argv=None) -> dict[str, Any]:
     b = args.batch_size
     targets = []
     if q is not None:
-        ws, uni = q["write shuffle + W = 1"], q["W = 1"]["uniform"]["batch_tv"]["median"]
+        uni = q["W = 1"]["uniform"]["batch_tv"]["median"]
         best_w8 = q["W = 8"]["reader"]["effective_batch"]["median"]
         vif_worst = max((q[f"W = {w}"]["vif_vs_formula"] for w in WINDOWS), key=lambda v: abs(v - 1))
+        targets += [(f"{name.replace(' = ', '=')}: batch TV / uniform's (<= 2)", q[name]["reader"]["batch_tv"]["median"] / uni,
+                     verdict(q[name]["reader"]["batch_tv"]["median"] / uni, 2.0, higher_is_better=False))
+                    for name in ("write shuffle + W = 1", "segment shuffle + W = 1")]
         targets += [
-            ("write shuffle + W=1: batch TV / uniform's (<= 2)", ws["reader"]["batch_tv"]["median"] / uni,
-             verdict(ws["reader"]["batch_tv"]["median"] / uni, 2.0, higher_is_better=False)),
             ("W=8 (8-block budget): effective batch / b (>= 0.5)", best_w8 / b, verdict(best_w8 / b, 0.5)),
             ("measured VIF / formula, worst of W=1..8 (within 10%)", vif_worst,
              "MET" if abs(vif_worst - 1) <= 0.1 else "MISSED"),
@@ -393,16 +403,16 @@ def main(argv=None) -> dict[str, Any]:
         worst_ratio = min(r["shuffle_over_disk"]["median"] for r in s)
         worst_rss = max(r["peak_rss_over_budget"]["max"] for r in s)
         targets += [
-            ("write-time shuffle / durable sequential write, worst size (>= 0.30)", worst_ratio,
+            (f"write-time shuffle ({args.shuffle_method}) / durable sequential write, worst size (>= 0.30)", worst_ratio,
              verdict(worst_ratio, 0.3)),
-            ("write-time shuffle: peak RSS / budget, worst run of every size (<= 1)", worst_rss,
+            (f"write-time shuffle ({args.shuffle_method}): peak RSS / budget, worst run of every size (<= 1)", worst_rss,
              verdict(worst_rss, 1.0, higher_is_better=False)),
         ]
     result = {
         "machine": desc, "other_load": load.result(), "baseline_rss": base,
         "settings": {k: getattr(args, k) for k in ("rows", "block_rows", "batch_size", "repeats", "read_mib",
                                                      "read_block_mib", "shuffle_mib", "shuffle_block_mib",
-                                                     "memory_limit_mib", "only")},
+                                                     "memory_limit_mib", "shuffle_method", "only")},
         "quality": q, "throughput": t, "write_shuffle": s,
         "targets": {k: {"value": v, "verdict": ok} for k, v, ok in targets},
     }
@@ -480,6 +490,8 @@ def _plot_quality(q: dict[str, Any], b: int, a1, a2) -> None:
     a1.errorbar(ws, med, yerr=[lo, hi], fmt="o", capsize=3, label="measured (y-sorted store)")
     a1.plot(ws, [q[f"W = {w}"]["predicted_vif"] for w in WINDOWS], "-", label="1 + rho (b - 1) / W")
     a1.axhline(q["write shuffle + W = 1"]["reader"]["vif"]["median"], color="tab:green", ls="--", label="write shuffle + W = 1")
+    a1.axhline(q["segment shuffle + W = 1"]["reader"]["vif"]["median"], color="tab:purple", ls="-.",
+               label="segment shuffle + W = 1")
     a1.axhline(2, color="gray", ls=":", label="effective batch b/2")
     a1.set_xscale("log", base=2)
     a1.set_yscale("log")

@@ -19,6 +19,7 @@ from .errors import (
 from .format import FieldSpec, Layout
 from .permutation import FeistelPermutation
 from .quality import OrderQuality, order_quality, store_quality
+from .segment_shuffle import SegmentShuffle
 from .shuffle import shuffle_store
 from .sparse import SparseRegressionBlocks, embedding_bag_inputs, generate_sparse_regression, sparse_batch
 from .store import BlockStore
@@ -67,6 +68,7 @@ __all__ = [
     "SparseLinear",
     "fit_sparse_regression",
     "shuffle_store",
+    "SegmentShuffle",
     "OrderQuality",
     "order_quality",
     "store_quality",

@@ -126,8 +126,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_nonneg_int, default=0)
     s.add_argument("--block-mb", type=_finite_float, default=None, help="block size in MiB (default: as SRC)")
     s.add_argument("--block-rows", type=_positive_int, default=None, help="rows per block (overrides --block-mb)")
-    s.add_argument("--workers", type=_positive_int, default=None, help="processes of the gather pass (default: all cores)")
-    s.add_argument("--tmp-dir", default=None, help="where the buckets go (default: beside DST; needs the data's size)")
+    s.add_argument("--method", choices=("rows", "segments"), default="rows",
+                   help="rows: every row to its own pseudorandom place, in two passes (default); segments: one pass "
+                        "(half the disk traffic), every block one segment of each stratum of SRC, rows mixed")
+    s.add_argument("--segments", type=_positive_int, default=None,
+                   help="--method segments: segments per block (default: about 2 MiB each, at least 64)")
+    s.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
+    s.add_argument("--tmp-dir", default=None, help="--method rows: where the buckets go (default: beside DST; needs "
+                                                   "the data's size)")
     s.add_argument("--compression", choices=COMPRESSIONS, default=None)
     s.add_argument("--no-checksum", action="store_true", help="store chunks without a crc32c checksum")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DST")
@@ -383,6 +389,7 @@ def _shuffle(args) -> int:
         args.src, args.dst, seed=args.seed, block_mb=args.block_mb, block_rows=args.block_rows, workers=args.workers,
         compression=args.compression, checksum=not args.no_checksum, overwrite=args.overwrite,
         progress=False if args.quiet else None, tmp_dir=args.tmp_dir, storage_options=_storage_options(args),
+        method=args.method, segments=args.segments,
     )
     if not args.quiet:
         lay, secs = store.layout, time.perf_counter() - start

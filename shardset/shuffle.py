@@ -64,9 +64,10 @@ from .errors import ArgumentError, ShardsetError, StoreFormatError, StoreURLErro
 from .format import DEFAULT_BLOCK_MB, Layout, check_int
 from .lock import locked
 from .permutation import FeistelPermutation
+from .segment_shuffle import SegmentShuffle, SegmentSource, check_source, default_segments
 from .store import BlockStore, _writev_all, fadvise
 from .urls import REMOTE_SCHEMES, parse_url, worker_start_method
-from .writer import _die_with_parent, _resolve_workers, layout_for, open_for_writing, write_blocks
+from .writer import WrittenBlocks, _die_with_parent, _resolve_workers, layout_for, open_for_writing, write_blocks
 
 __all__ = ["SHUFFLE_NAME", "shuffle_store", "write_shuffled", "shuffled_position", "shuffle_rss_budget"]
 
@@ -163,12 +164,8 @@ def _shuffled(path, layout: Layout, scatter: Callable[["_Buckets", int, bool], N
               overwrite: bool, progress: bool | None, tmp_dir, storage_options=None) -> BlockStore:
     """Create the output, run ``scatter(buckets, seed, show)`` unless a finished one is on disk, gather."""
     seed = check_int("seed", seed, 0)
-    layout = replace(layout, generator={
-        "name": SHUFFLE_NAME,
-        "algorithm": f"input row i is output row FeistelPermutation(rows, seed, 0, domain={SHUFFLE_DOMAIN!r})(i)",
-        "seed": seed,
-        "source": dict(source or {}),
-    })
+    layout = _recorded(layout, seed, source, algorithm="input row i is output row FeistelPermutation(rows, seed, 0, "
+                                                      f"domain={SHUFFLE_DOMAIN!r})(i)")
     store = open_for_writing(path, layout, compression=compression, checksum=checksum, overwrite=overwrite,
                              storage_options=storage_options)
     # a directory of our own, even inside tmp_dir: it is deleted whole
@@ -192,6 +189,12 @@ def _shuffled(path, layout: Layout, scatter: Callable[["_Buckets", int, bool], N
         store.require_complete()
     shutil.rmtree(buckets.root, ignore_errors=True)
     return store
+
+
+def _recorded(layout: Layout, seed: int, source: Mapping[str, Any] | None, **how: Any) -> Layout:
+    """``layout`` with its generator replaced by the record of a shuffle: a rerun with another seed
+    or method is then refused instead of mixing two shuffles."""
+    return replace(layout, generator={"name": SHUFFLE_NAME, **how, "seed": seed, "source": dict(source or {})})
 
 
 def _bucket_dir(path: str | os.PathLike, tmp_dir: str | os.PathLike | None) -> Path:
@@ -223,6 +226,8 @@ def shuffle_store(
     progress: bool | None = None,
     tmp_dir: str | os.PathLike | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    method: str = "rows",
+    segments: int | None = None,
 ) -> BlockStore:
     """Write a shuffled copy of the store ``src`` at ``dst`` (``shardset shuffle SRC DST``).
 
@@ -242,7 +247,18 @@ def shuffle_store(
     each block on a thread while the one before is written to its buckets and the
     destinations of its own rows are computed; the gather has the kernel
     read the next block's buckets while it writes one, so the disk need not wait for the CPU.
+
+    ``method="segments"`` shuffles in one pass instead, half the disk traffic of
+    data larger than RAM, moving rows in contiguous segments: every output block
+    is one segment from each of ``segments`` strata of the input, its rows
+    permuted (:mod:`shardset.segment_shuffle`; the input needs slice checksums).
     """
+    if method not in ("rows", "segments"):
+        raise ArgumentError(f"method must be 'rows' or 'segments', got {method!r}")
+    if segments is not None and method != "segments":
+        raise ArgumentError("segments applies to method='segments' only")
+    if tmp_dir is not None and method != "rows":
+        raise ArgumentError("tmp_dir (where the buckets go) applies to method='rows' only")
     src_url, dst_url = parse_url(src), parse_url(dst)
     if (src_url.is_local and dst_url.is_local and os.path.realpath(src_url.local_path) == os.path.realpath(
             dst_url.local_path)) or (not src_url.is_local and str(src_url) == str(dst_url)):
@@ -257,6 +273,10 @@ def shuffle_store(
         block_rows = lay.block_rows
     block_mb = DEFAULT_BLOCK_MB if block_mb is None else block_mb
     out = layout_for(lay.rows, lay.fields, block_mb=block_mb, block_rows=block_rows)
+    if method == "segments":
+        return _segment_shuffled(source, dst, out, seed=seed, segments=segments, workers=workers,
+                                 compression=compression, checksum=checksum, overwrite=overwrite, progress=progress,
+                                 storage_options=_options_for(dst, storage_options))
     parts = _resolve_workers(workers, lay.num_blocks)
 
     def scatter(buckets: "_Buckets", seed: int, show: bool) -> None:
@@ -276,6 +296,23 @@ def shuffle_store(
         checksum=checksum, overwrite=overwrite, progress=progress, tmp_dir=tmp_dir,
         storage_options=_options_for(dst, storage_options),
     )
+
+
+def _segment_shuffled(source: BlockStore, dst, layout: Layout, *, seed: int, segments: int | None,
+                      **how: Any) -> BlockStore:
+    """The one-pass shuffle of :func:`shuffle_store` (``method="segments"``) of the open store ``source``."""
+    check_source(source)
+    seed = check_int("seed", seed, 0)
+    m = default_segments(layout) if segments is None else min(check_int("segments", segments), layout.block_rows)
+    if layout.block_rows // m < source.layout.slice_rows:
+        raise ArgumentError(f"segments of {layout.block_rows // m} rows are shorter than the checksummed slices of "
+                            f"{source.where} ({source.layout.slice_rows} rows): each would read whole slices; use at "
+                            f"most {max(1, layout.block_rows // source.layout.slice_rows)} segments, or method='rows'")
+    plan = SegmentShuffle(layout.rows, layout.block_rows, m, seed)
+    layout = _recorded(layout, seed, source.layout.generator, **plan.record())
+    store = write_blocks(dst, layout, SegmentSource(source.where, source.storage_options or None, plan, dst), **how)
+    store.require_complete()
+    return store
 
 
 def _scatter_store_part(buckets: "_Buckets", src: str, part: int, parts: int, seed: int, show: bool,
@@ -348,9 +385,7 @@ class _Buckets:
 
     def __init__(self, root: Path, layout: Layout, output: str | os.PathLike) -> None:
         self.root, self.layout = root, layout
-        url = parse_url(output)
-        self.output = url.local_path if url.is_local else None  # the store being gathered into, if on this disk
-        self._output_store: BlockStore | None = None
+        self._written = WrittenBlocks(output)
         self.fields = list(layout.fields.items())
         self.parts = 1
         self.sums: list[list[list[int]]] = []  # [part][block] = [bytes, crc32c] of each bucket file
@@ -359,7 +394,6 @@ class _Buckets:
             "fields": {k: v.to_json() for k, v in layout.fields.items()},
         }
         self._scratch = _Scratch()
-        self._filled: list[int] = []  # the blocks this process has filled, in order
 
     def path(self, block: int, part: int) -> Path:
         return self.root / f"{block}.{part}"
@@ -459,23 +493,21 @@ class _Buckets:
                 sums[b][0] += len(piece)
 
     def fill(self, block: int, out: Mapping[str, np.ndarray]) -> None:
-        # The writer keeps one block in flight while the next is filled: the blocks filled before
-        # that one are durable, and their buckets are deleted now, so that the kernel hands their
-        # pages to the output instead of taking fresh ones (or writing buckets out to make room).
+        # The buckets of the blocks now durable are deleted, so that the kernel hands their pages
+        # to the output instead of taking fresh ones (or writing buckets out to make room).
         # Were this process killed before the writer records those blocks, the rerun would find
         # their buckets gone and redo the scatter: slower, never wrong.
-        for done in self._filled[:-1]:
+        for done in self._written.filling(block):
             for p in range(self.parts):
                 self.path(done, p).unlink(missing_ok=True)
-            self._drop_output(done)
-        self._filled = self._filled[-1:] + [block]
         targets = [(_rows(out[name]), spec.row_bytes) for name, spec in self.fields]
         rows = sum(self._place(block, p, targets) for p in range(self.parts))
         if rows != self.layout.block_len(block):  # the checksums matched: only a bug gets here
             raise StoreFormatError(f"shuffle bucket {self.path(block, 0)} holds {rows} rows, not "
                                    f"{self.layout.block_len(block)}")
-        if len(self._filled) == 2:  # the writer hands this process every k-th missing block: guess the stride
-            self._read_soon(2 * block - self._filled[0])
+        filled = self._written.filled
+        if len(filled) == 2:  # the writer hands this process every k-th missing block: guess the stride
+            self._read_soon(2 * block - filled[0])
 
     def _read_soon(self, block: int) -> None:
         """Have the kernel read ``block``'s bucket files into the page cache now, while this
@@ -534,17 +566,6 @@ class _Buckets:
                 "the disk): the scatter is discarded; rerun to redo it"
             ) from None
         return rows
-
-    def _drop_output(self, block: int) -> None:
-        """Drop the durable output ``block`` from the page cache: the data passes through once, and
-        the next block's write reuses those pages instead of taking fresh ones (which cost a virtual
-        machine a fault in its host each)."""
-        if self.output is None:
-            return
-        if self._output_store is None:
-            self._output_store = BlockStore.open(self.output)
-        for name in self.layout.fields:
-            self._output_store.drop_cached(name, block)
 
     def _discard(self) -> None:
         """Forget the finished scatter, so that the next run redoes it."""

@@ -307,6 +307,40 @@ def filled(fill: Callable[[int, Mapping[str, np.ndarray]], None], layout: Layout
     return out
 
 
+class WrittenBlocks:
+    """For a block source that passes its data through once: tells which blocks the writer
+    has made durable, from the order this process fills them, and drops those from the
+    page cache, so that the next blocks reuse their pages instead of taking fresh ones
+    (which cost a virtual machine a fault in its host each, and a memory-limited process
+    a reclaim).  The writer keeps one block in flight while the next is filled
+    (:func:`_write_loop`), so every block filled before the previous one is durable.
+
+    >>> w = WrittenBlocks(None)  # an output that is not on this disk: nothing to drop
+    >>> w.filling(4), w.filling(6), w.filling(8), w.filled
+    ([], [], [4], [6, 8])
+    """
+
+    def __init__(self, output: str | os.PathLike | None) -> None:
+        url = None if output is None else parse_url(output)
+        self.output = url.local_path if url is not None and url.is_local else None
+        self.filled: list[int] = []  # the last two blocks this process filled, in order
+        self._store: BlockStore | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None}
+
+    def filling(self, block: int) -> list[int]:
+        """Note that ``block`` is being filled; returns the blocks made durable since the
+        last call, dropped from the page cache."""
+        done, self.filled = self.filled[:-1], self.filled[-1:] + [block]
+        if self.output is not None and done:
+            self._store = self._store or BlockStore.open(self.output)
+            for b in done:
+                for name in self._store.layout.fields:
+                    self._store.drop_cached(name, b)
+        return done
+
+
 def _write_loop(store: BlockStore, blocks: Iterable[tuple[int, Mapping[str, np.ndarray]]], done: Callable[[int], None]):
     """Write blocks on a background thread, one in flight while the next is produced."""
     with ThreadPoolExecutor(1, thread_name_prefix="shardset-write") as pool:
