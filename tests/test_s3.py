@@ -369,6 +369,12 @@ def test_cli_shuffle_and_quality_through_s3(s3_server, s3_url, tmp_path, capsys)
     _same_blocks(BlockStore.open(dst), BlockStore.open(tmp_path / "shuffled.zarr"))  # the same bytes as locally
     assert not (tmp_path / "buckets").exists() or not any((tmp_path / "buckets").iterdir())
     assert main(["shuffle", local, dst.replace("shuffled", "from-local"), *common, *opts]) == 0  # a local SRC
+    # the one-pass method reads its segments with ranged GETs: the same bytes as from a local SRC
+    seg = ["--method", "segments", "--segments", "8"]
+    assert main(["shuffle", s3_url, dst.replace("shuffled", "segments"), *common, *seg, *opts]) == 0
+    assert main(["shuffle", local, str(tmp_path / "segments.zarr"), *common, *seg]) == 0
+    _same_blocks(BlockStore.open(dst.replace("shuffled", "segments"), storage_options={"endpoint": s3_server}),
+                 BlockStore.open(tmp_path / "segments.zarr"))
 
     capsys.readouterr()
     assert main(["quality", dst, "--batch-size", "50", "--id-field", "y", "--json", *opts]) == 0
