@@ -106,10 +106,7 @@ def quality(args, root: Path) -> dict[str, Any]:
 
 def epoch_rate(ds: ShardedDataset) -> float:
     """Bytes per second of the next epoch of ``ds``."""
-    t0, rows = time.perf_counter(), 0
-    for X, _ in ds:
-        rows += X.shape[0]
-    return rows * ROW_BYTES / (time.perf_counter() - t0)
+    return common.epoch_rows_per_s(ds) * ROW_BYTES
 
 
 def throughput(args, root: Path) -> dict[str, Any]:

@@ -670,6 +670,15 @@ def mixed_io_rate(read_paths: Sequence[str | os.PathLike], directory: str | os.P
             "gb_per_s": (r["bytes"] + w["bytes"]) / seconds / GB}
 
 
+def epoch_rows_per_s(ds: Iterable[Any]) -> float:
+    """Rows per second of the next epoch of ``ds`` (an iterable of batches whose first
+    tensor has a row per sample), as a training loop that keeps ``ds`` across epochs sees it."""
+    t0, rows = time.perf_counter(), 0
+    for batch in ds:
+        rows += len(batch[0])
+    return rows / (time.perf_counter() - t0)
+
+
 def rows_for(gib: float, features: int, block_mb: int) -> int:
     """Rows of X (d floats) + y filling about ``gib`` GiB in whole blocks of ``block_mb``,
     or fewer rows than one block (a single short block) for a smaller ``gib``."""

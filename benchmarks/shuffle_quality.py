@@ -185,14 +185,6 @@ def quality(args, root: Path) -> dict[str, Any]:
 # -- 2. throughput --------------------------------------------------------------------------
 
 
-def read_epoch(ds: ShardedDataset) -> float:
-    """Rows per second of the next epoch of ``ds``."""
-    t0, rows = time.perf_counter(), 0
-    for X, _ in ds:
-        rows += len(X)
-    return rows / (time.perf_counter() - t0)
-
-
 def throughput(args, root: Path) -> dict[str, Any]:
     row_bytes = 17 * 4
     block_rows = args.read_block_mib * common.MiB // row_bytes
@@ -205,11 +197,11 @@ def throughput(args, root: Path) -> dict[str, Any]:
     # this VM), is a warm-up and not counted
     readers = {w: ShardedDataset(path, args.batch_size, window_blocks=w) for w in (1, 8)}
     for ds in readers.values():
-        read_epoch(ds)
+        common.epoch_rows_per_s(ds)
     rates: dict[int, list[float]] = {1: [], 8: []}
     for r in range(args.repeats):
         for w in ((1, 8) if r % 2 == 0 else (8, 1)):
-            rates[w].append(read_epoch(readers[w]))
+            rates[w].append(common.epoch_rows_per_s(readers[w]))
         print(f"read round {r + 1}: W=1 {rates[1][-1] / 1e6:.2f} M rows/s, W=8 {rates[8][-1] / 1e6:.2f} M rows/s", flush=True)
     return {
         "rows": rows, "block_rows": block_rows, "blocks": -(-rows // block_rows), "batch_size": args.batch_size,

@@ -23,9 +23,9 @@ matches the whole set's to within the segments that straddle a boundary, and
 the reader's in-block shuffle mixes the rows.  What it does not do is
 separate neighbours: rows that were next to each other stay in the same block
 (not in the same batch) unless a segment edge falls between them.  The segment
-size is a trade: smaller segments mix more finely and make shorter, slower
-random reads (the default, about 2 MiB and at least 64 strata, is where this
-project's disk still reads near its sequential rate).
+size is a trade: smaller segments mix more finely and make shorter random
+reads, which disks serve more slowly (default: about 2 MiB, and at least 64
+strata).
 
 The input needs slice checksums (``layout.slice_rows``): every segment is read
 with :meth:`BlockStore.read_rows`, which verifies the slices it covers.  The
@@ -106,7 +106,8 @@ class SegmentShuffle:
         return np.stack([self._generator(_STRATUM_KEY, s).permutation(self.num_blocks) for s in range(self.segments)])
 
     def _generator(self, *key: int) -> np.random.Generator:
-        # numpy's permutation: 4-5x faster than evaluating a Feistel network on every row
+        # numpy's permutation, not a Feistel network evaluated on every row: 9 against about 60 ms
+        # for a block of 492,544 rows (cProfile of an 8-block shuffle here)
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence(self.seed, spawn_key=key)))
 
     def block_len(self, block: int) -> int:
