@@ -466,9 +466,10 @@ class _BlockReader:
                                       initargs=(1,))
         self.slot_of: dict[int, int] = {}  # visit index -> slot
         self.loads: dict[int, Future] = {}
-        # visit index -> slot, as an array for vectorized lookups.  A slot's row order
-        # is filled by a task on the single CPU thread, so every later task there
-        # (the gather indices) sees it done.
+        # visit index -> slot, for the gather indices computed on the CPU thread: set when the
+        # load is submitted and never removed (slot_of loses a visit once it is retired).  A
+        # slot's row order is filled by a task on that single thread, so every later task
+        # there sees it done.
         self.slot_by_visit = np.zeros(plan.num_blocks, np.int64)
         self.order_error: BaseException | None = None
         self.indices: deque[Future] = deque()
@@ -585,13 +586,15 @@ class _BlockReader:
             raise self.order_error
         return self.plan.piece_index(piece, self._rows, out)
 
-    def _rows(self, blocks: np.ndarray, visits: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Ring rows at ``positions`` of the visited blocks' row orders (see ``EpochPlan.piece_index``)."""
-        base = self.slot_by_visit[visits] * self.slot_rows
+    def _rows(self, block: int, visit: int, first: int, out: np.ndarray) -> None:
+        """Write the ring rows at positions ``first .. first + len(out)`` of the visited
+        block's row order into ``out`` (see ``EpochPlan.piece_index``)."""
+        slot = int(self.slot_by_visit[visit])
+        base = slot * self.slot_rows
         if self.slices:  # the slot holds the unit in its row order
-            return base + positions
-        # a flat take, not orders[slots, positions]: numpy's 2-d fancy indexing is slower
-        return np.take(self.buffers.orders.reshape(-1), base + positions) + base
+            out[:] = np.arange(base + first, base + first + len(out))
+        else:
+            np.add(self.buffers.orders[slot, first : first + len(out)], base, out=out, dtype=out.dtype)
 
     def close(self) -> None:
         self.io.shutdown(wait=True, cancel_futures=True)

@@ -275,57 +275,68 @@ class EpochPlan:
         torch.randperm(n, generator=gen, out=torch.from_numpy(out))
         return out
 
-    def global_rows(self, blocks: np.ndarray, visits: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Global row ids at ``positions`` of the blocks' own orders (arrays that
-        broadcast together; ``visits``, the blocks' visit indices, is unused here)."""
-        blocks, positions = np.broadcast_arrays(blocks, positions)
-        out = np.empty(blocks.shape, np.int64)
-        for b in np.unique(blocks):
-            at = blocks == b
-            out[at] = self.block_order(int(b))[positions[at]] + int(b) * self.block_rows
-        return out
+    def global_rows(self, block: int, visit: int, first: int, out: np.ndarray) -> None:
+        """Write the global row ids at positions ``first .. first + len(out)`` of
+        ``block``'s own order into ``out`` (``visit``, its visit index, is unused here)."""
+        out[:] = self.block_order(block)[first : first + len(out)] + block * self.block_rows
 
     def piece_index(self, piece: Piece, rows: RowsFn | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """The row behind every position of ``piece``: ``rows(blocks, visits, positions)``
-        (arrays that broadcast; default :meth:`global_rows`, the global row ids).
+        """The row behind every position of ``piece``, written by ``rows(block, visit,
+        first, out)`` for runs of consecutive positions of one block's own order
+        (default :meth:`global_rows`, the global row ids).
 
-        A reader passes a vectorized lookup into its buffers (the row orders it
-        keeps, where each block sits) and an ``out`` buffer to reuse.
+        A reader passes a lookup into its buffers (the row orders it keeps, where
+        each block sits) and an ``out`` buffer to reuse.  Every run is written
+        straight into its place in ``out``, a strided column of the interleave:
+        no per-row temporaries (10x cheaper than gathering through index arrays
+        for a stage of 8 blocks, a one-off timing here: 1.4 against 14 ns a row).
         """
         rows = rows or self.global_rows
         n = piece.stop - piece.start
         out = np.empty(n, np.int64) if out is None else out[:n]
-        blocks, ks, lo, hi = self._members(piece.stage)
+        blocks, ks, lo, hi = (a.tolist() for a in self._members(piece.stage))
         if len(blocks) == 1:
-            out[:] = rows(blocks[0], ks[0], np.arange(lo[0] + piece.start, lo[0] + piece.stop))
+            rows(blocks[0], ks[0], lo[0] + piece.start, out)
             return out
-        out[:] = _interleave(rows, blocks, ks, lo, hi - lo)[piece.start : piece.stop]
+        sizes = [b - a for a, b in zip(lo, hi)]
+        if n == sum(sizes):  # the whole stage (the common case): merged in place
+            _interleave(rows, blocks, ks, lo, sizes, out)
+            return out
+        stage = np.empty(sum(sizes), out.dtype)
+        _interleave(rows, blocks, ks, lo, sizes, stage)
+        out[:] = stage[piece.start : piece.stop]
         return out
 
 
-RowsFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+RowsFn = Callable[[int, int, int, np.ndarray], None]
 
 
-def _interleave(rows: RowsFn, blocks: np.ndarray, ks: np.ndarray, lo: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Merge the parts (block ``blocks[j]``'s positions ``lo[j] .. lo[j] + sizes[j]``) in
-    proportion to their sizes, each keeping its order; returns their rows.
+def _interleave(rows: RowsFn, blocks: list[int], ks: list[int], lo: list[int], sizes: list[int],
+                out: np.ndarray) -> None:
+    """Merge the parts (block ``blocks[j]``'s positions ``lo[j] .. lo[j] + sizes[j]``) into
+    ``out`` in proportion to their sizes, each keeping its order.
 
     Parts within one row of each other go round-robin (then the few rows left
     over, in part order); a smaller part (the short last block's) is spread evenly
     through the merge of the others, its ``i``-th row before position
     ``(i + 1/2) * n / s`` of theirs.
     """
-    m = int(sizes.min())
-    if sizes.max() - m <= 1:
-        stage = np.empty(int(sizes.sum()), np.int64)
-        stage[: m * len(sizes)] = rows(blocks, ks, lo + np.arange(m)[:, None]).reshape(-1)
-        more = sizes > m
-        stage[m * len(sizes) :] = rows(blocks[more], ks[more], lo[more] + m)
-        return stage
-    j = int(sizes.argmin())
-    rest = _interleave(rows, *(np.delete(a, j) for a in (blocks, ks, lo, sizes)))
-    part = rows(blocks[j], ks[j], lo[j] + np.arange(m))
-    return np.insert(rest, ((np.arange(m) + 0.5) * len(rest) / m).astype(np.int64), part)
+    m, w = min(sizes), len(sizes)
+    if max(sizes) - m <= 1:
+        grid = out[: m * w].reshape(m, w)
+        for j in range(w):
+            rows(blocks[j], ks[j], lo[j], grid[:, j])
+        more = [j for j in range(w) if sizes[j] > m]
+        for i, j in enumerate(more):
+            rows(blocks[j], ks[j], lo[j] + m, out[m * w + i : m * w + i + 1])
+        return
+    j = sizes.index(m)
+    others = [a[:j] + a[j + 1 :] for a in (blocks, ks, lo, sizes)]
+    rest = np.empty(sum(others[3]), out.dtype)
+    _interleave(rows, *others, rest)
+    part = np.empty(m, out.dtype)
+    rows(blocks[j], ks[j], lo[j], part)
+    out[:] = np.insert(rest, ((np.arange(m) + 0.5) * len(rest) / m).astype(np.int64), part)
 
 
 def undelivered(plans: Sequence[tuple["EpochPlan", int, int, int]]) -> tuple[tuple[int, int], ...]:
