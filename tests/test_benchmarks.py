@@ -148,7 +148,7 @@ SCRIPTS = {
     "soak": ["--quick", "--rows", "20000", "--blocks", "4", "--epochs", "3", "--workers", "2", "--warmup", "1"],
     "convergence": ["--quick", "--rows", "4096", "--block-rows", "512", "--seeds", "1", "--epochs", "1"],
     "shuffle_quality": ["--quick", "--rows", "8192", "--block-rows", "512", "--read-mib", "4", "--read-block-mib", "1",
-                        "--shuffle-mib", "4", "--shuffle-block-mib", "1"],
+                        "--shuffle-mib", "4", "--shuffle-block-mib", "1", "--repeats", "1"],
 }
 
 
