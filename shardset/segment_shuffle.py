@@ -34,7 +34,8 @@ deterministic (the bytes depend on the seed and ``segments`` only), parallel
 over processes and resumed by running it again.
 
 Example:
-    >>> m = SegmentShuffle(rows=10, block_rows=4, segments=2, seed=0)
+    >>> from shardset.format import FieldSpec
+    >>> m = SegmentShuffle(Layout(rows=10, block_rows=4, fields={"x": FieldSpec("int64")}), segments=2, seed=0)
     >>> sorted(int(r) for b in range(m.num_blocks) for r in m.source_rows(b)) == list(range(10))
     True
     >>> [[b - a for a, b in m.ranges(j)] for j in range(m.num_blocks)]
@@ -56,7 +57,7 @@ from .memory import HUGE_PAGE_BYTES
 from .store import BlockStore, _take_rows
 from .writer import WrittenBlocks
 
-__all__ = ["SegmentShuffle", "SegmentSource", "default_segments", "rss_budget"]
+__all__ = ["SegmentShuffle", "SegmentSource", "default_segments", "plan_for", "rss_budget"]
 
 # spawn_key namespaces (synthetic data uses 0 and 1, the reader's row orders 2)
 _STRATUM_KEY, _ROW_KEY = 3, 4
@@ -82,17 +83,15 @@ class SegmentShuffle:
     """Which input rows make up each output block of a segment shuffle (see the module).
 
     Args:
-        rows: rows of the input (and the output).
-        block_rows: rows per output block.
+        layout: the output's geometry (its rows are the input's).
         segments: segments per output block, ``m`` (the number of strata).
         seed: the shuffle seed.
     """
 
-    def __init__(self, rows: int, block_rows: int, segments: int, seed: int = 0) -> None:
-        self.rows, self.block_rows = check_int("rows", rows), check_int("block_rows", block_rows)
+    def __init__(self, layout: Layout, segments: int, seed: int = 0) -> None:
+        self.layout, self.num_blocks = layout, layout.num_blocks
         self.segments, self.seed = check_int("segments", segments), check_int("seed", seed, 0)
-        self.num_blocks = -(-rows // block_rows)
-        m, last = self.segments, rows - (self.num_blocks - 1) * block_rows
+        m, block_rows, last = self.segments, layout.block_rows, layout.block_len(self.num_blocks - 1)
         s = np.arange(m + 1, dtype=np.int64)
         self._full = np.diff(s * block_rows // m)  # segment s of a whole block
         self._last = np.diff(s * last // m)  # segment s of the last block (the same when it is whole)
@@ -110,9 +109,6 @@ class SegmentShuffle:
         # for a block of 492,544 rows (cProfile of an 8-block shuffle here)
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence(self.seed, spawn_key=key)))
 
-    def block_len(self, block: int) -> int:
-        return self.block_rows if block < self.num_blocks - 1 else self.rows - block * self.block_rows
-
     def _segments(self, block: int) -> tuple[np.ndarray, np.ndarray]:
         """``(starts, lengths)`` of output block ``block``'s segments in the input, stratum by stratum."""
         if not 0 <= block < self.num_blocks:
@@ -128,7 +124,7 @@ class SegmentShuffle:
 
     def row_order(self, block: int) -> np.ndarray:
         """Output row ``i`` of ``block`` is row ``row_order(block)[i]`` of its segments end to end."""
-        return self._generator(_ROW_KEY, block).permutation(self.block_len(block))
+        return self._generator(_ROW_KEY, block).permutation(self.layout.block_len(block))
 
     def source_rows(self, block: int) -> np.ndarray:
         """The input row of every row of output ``block``, in output order."""
@@ -183,7 +179,8 @@ class SegmentSource:
             self._store = BlockStore.open(self.src, storage_options=self.storage_options)
             self._pool = ThreadPoolExecutor(READS, thread_name_prefix="shardset-segment-read")
             lay = self._store.layout
-            self._gathered = {k: np.empty(self.plan.block_rows * f.row_bytes, np.uint8) for k, f in lay.fields.items()}
+            self._gathered = {k: np.empty(self.plan.layout.block_rows * f.row_bytes, np.uint8)
+                              for k, f in lay.fields.items()}
             self._pid = os.getpid()
         return self._store
 
@@ -207,17 +204,26 @@ class SegmentSource:
             _take_rows(self._gathered[name], order, dest, spec.row_bytes)
 
     def __call__(self, block: int) -> dict[str, np.ndarray]:
-        n = self.plan.block_len(block)
+        n = self.plan.layout.block_len(block)
         out = {k: np.empty((n, *f.shape), f.dtype) for k, f in self._open().layout.fields.items()}
         self.fill(block, out)
         return out
 
 
-def check_source(store: BlockStore) -> None:
-    """Raise :class:`StoreFormatError` unless ``store`` can be read a segment at a time."""
+def plan_for(source: BlockStore, layout: Layout, segments: int | None, seed: int) -> SegmentShuffle:
+    """The segment shuffle of the store ``source`` into ``layout`` (``segments`` per block, by
+    default :func:`default_segments`), after checking that ``source`` can be read a segment
+    at a time: it has slice checksums, and a segment is at least one slice long."""
     try:
-        store.require_slices()
+        source.require_slices()
     except StoreFormatError:
-        raise StoreFormatError(f"{store.where} has no slice checksums (it is compressed, or was written by an older "
+        raise StoreFormatError(f"{source.where} has no slice checksums (it is compressed, or was written by an older "
                                "shardset), so its segments cannot be read and verified: shuffle it with "
                                "method='rows' (`--method rows`)") from None
+    m = default_segments(layout) if segments is None else min(check_int("segments", segments), layout.block_rows)
+    slice_rows = source.layout.slice_rows
+    if layout.block_rows // m < slice_rows:
+        raise ArgumentError(f"segments of {layout.block_rows // m} rows are shorter than the checksummed slices of "
+                            f"{source.where} ({slice_rows} rows): each would read whole slices; use at most "
+                            f"{max(1, layout.block_rows // slice_rows)} segments, or method='rows'")
+    return SegmentShuffle(layout, m, seed)

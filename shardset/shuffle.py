@@ -64,7 +64,7 @@ from .errors import ArgumentError, ShardsetError, StoreFormatError, StoreURLErro
 from .format import DEFAULT_BLOCK_MB, Layout, check_int
 from .lock import locked
 from .permutation import FeistelPermutation
-from .segment_shuffle import SegmentShuffle, SegmentSource, check_source, default_segments
+from .segment_shuffle import SegmentSource, plan_for
 from .store import BlockStore, _writev_all, fadvise
 from .urls import REMOTE_SCHEMES, parse_url, worker_start_method
 from .writer import WrittenBlocks, _die_with_parent, _resolve_workers, layout_for, open_for_writing, write_blocks
@@ -301,15 +301,8 @@ def shuffle_store(
 def _segment_shuffled(source: BlockStore, dst, layout: Layout, *, seed: int, segments: int | None,
                       **how: Any) -> BlockStore:
     """The one-pass shuffle of :func:`shuffle_store` (``method="segments"``) of the open store ``source``."""
-    check_source(source)
-    seed = check_int("seed", seed, 0)
-    m = default_segments(layout) if segments is None else min(check_int("segments", segments), layout.block_rows)
-    if layout.block_rows // m < source.layout.slice_rows:
-        raise ArgumentError(f"segments of {layout.block_rows // m} rows are shorter than the checksummed slices of "
-                            f"{source.where} ({source.layout.slice_rows} rows): each would read whole slices; use at "
-                            f"most {max(1, layout.block_rows // source.layout.slice_rows)} segments, or method='rows'")
-    plan = SegmentShuffle(layout.rows, layout.block_rows, m, seed)
-    layout = _recorded(layout, seed, source.layout.generator, **plan.record())
+    plan = plan_for(source, layout, segments, check_int("seed", seed, 0))
+    layout = _recorded(layout, plan.seed, source.layout.generator, **plan.record())
     store = write_blocks(dst, layout, SegmentSource(source.where, source.storage_options or None, plan, dst), **how)
     store.require_complete()
     return store

@@ -22,7 +22,7 @@ def test_the_output_is_the_planned_permutation_and_every_field_moves_with_its_ro
     path = shardset.write(tmp_path / "src.zarr", src, block_rows=700, progress=False).where
     out = shuffle_store(path, tmp_path / "dst.zarr", method="segments", segments=8, seed=5, workers=1, progress=False)
     got = columns(out.where)
-    plan = SegmentShuffle(rows, 700, 8, seed=5)
+    plan = SegmentShuffle(out.layout, 8, seed=5)
     assert np.array_equal(got["b"], np.concatenate([plan.source_rows(j) for j in range(plan.num_blocks)]))
     assert sorted(got["b"].tolist()) == list(range(rows)) and not np.array_equal(got["b"], src["b"])
     for name in "acd":
@@ -33,18 +33,18 @@ def test_the_output_is_the_planned_permutation_and_every_field_moves_with_its_ro
 
 @pytest.mark.parametrize("rows,block_rows,segments", [(5003, 700, 8), (4200, 700, 7), (1000, 999, 64), (10, 4, 3)])
 def test_each_block_is_one_contiguous_segment_of_every_stratum(rows, block_rows, segments):
-    plan = SegmentShuffle(rows, block_rows, segments, seed=1)
+    plan = SegmentShuffle(Layout(rows, block_rows, {"x": FieldSpec("int64")}), segments, seed=1)
     ranges = [plan.ranges(j) for j in range(plan.num_blocks)]
     flat = sorted(r for rs in ranges for r in rs)
     assert flat[0][0] == 0 and flat[-1][1] == rows
     assert all(a[1] == b[0] for a, b in zip(flat, flat[1:]))  # the segments tile the input exactly
     for j, rs in enumerate(ranges):
-        assert sum(b - a for a, b in rs) == plan.block_len(j)
+        assert sum(b - a for a, b in rs) == plan.layout.block_len(j)
         assert sorted(plan.source_rows(j).tolist()) == [r for a, b in rs for r in range(a, b)]
-        if plan.block_len(j) >= segments:
+        if plan.layout.block_len(j) >= segments:
             assert len(rs) == segments  # one from each stratum, in stratum order
             assert all(a[1] <= b[0] for a, b in zip(rs, rs[1:]))
-    first = [rs[0] for rs in ranges if plan.block_len(ranges.index(rs)) >= segments]
+    first = [rs[0] for rs in ranges if plan.layout.block_len(ranges.index(rs)) >= segments]
     assert len({a for a, _ in first}) == len(first)  # stratum 0 gives each block another segment
 
 
