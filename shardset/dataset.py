@@ -584,17 +584,19 @@ class _BlockReader:
     def _index(self, piece: Piece, out: np.ndarray) -> np.ndarray:
         if self.order_error is not None:
             raise self.order_error
+        if self.slices:  # a slot holds its unit in its row order
+            return self.plan.piece_index(piece, out=out, origin=self._origin)
         return self.plan.piece_index(piece, self._rows, out)
+
+    def _origin(self, visits: np.ndarray) -> np.ndarray:
+        """The ring row where each visited unit starts (see ``EpochPlan.piece_index``)."""
+        return self.slot_by_visit[visits] * self.slot_rows
 
     def _rows(self, block: int, visit: int, first: int, out: np.ndarray) -> None:
         """Write the ring rows at positions ``first .. first + len(out)`` of the visited
         block's row order into ``out`` (see ``EpochPlan.piece_index``)."""
         slot = int(self.slot_by_visit[visit])
-        base = slot * self.slot_rows
-        if self.slices:  # the slot holds the unit in its row order
-            out[:] = np.arange(base + first, base + first + len(out))
-        else:
-            np.add(self.buffers.orders[slot, first : first + len(out)], base, out=out, dtype=out.dtype)
+        np.add(self.buffers.orders[slot, first : first + len(out)], slot * self.slot_rows, out=out, dtype=out.dtype)
 
     def close(self) -> None:
         self.io.shutdown(wait=True, cancel_futures=True)
