@@ -18,7 +18,10 @@ with slices of ``1/k`` of a block (``slice_mb``, :mod:`shardset.dataset`).
    ``b / min(b, W)`` rows from each of ``min(b, W)`` units), effective batch
    ``b / VIF`` and batch label TV, with a uniform shuffle of the same labels.
    Epochs 0..``--repeats``-1 give the median [min-max].
-2. **Cold throughput** on a store of 128 MiB blocks (d = 16): each round evicts
+2. **Cold throughput** on a store of 128 MiB blocks of X (``--features`` float32,
+   default 16) and y: the reader's costs per row (its row order, the gathers)
+   and per batch weigh more the narrower the rows, so a 64-byte row (d = 16) is
+   bound by the CPU on a small machine where a 1 KiB row (d = 256) is not.  Each round evicts
    the chunk files from the page cache (checked with ``mincore``) before every
    run, reads them sequentially with ``O_DIRECT``, one read a file (the disk's
    sequential bandwidth) and streams one epoch with each configuration
@@ -51,7 +54,6 @@ from .common import GB, fmt, fmt_ratio, print_table, ratio_summary, summarize, v
 from .convergence import make_data, write_stores
 
 FRACTIONS = (16, 24, 32, 64)  # slices of 1/k of a block
-ROW_BYTES = 17 * 4  # the throughput store: X (16 float32) and y
 
 
 def parse_args(argv=None):
@@ -62,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=int, default=8, help="memory in blocks: window + 1 block read ahead")
     p.add_argument("--read-gib", type=float, default=None, help="size of the throughput store (default 4; quick 0.5)")
     p.add_argument("--block-mb", type=int, default=None, help="block size of the throughput store (default 128; quick 64)")
+    p.add_argument("--features", type=int, default=16, help="features of the throughput store (row: d + 1 float32)")
     return common.parse_args(p, argv, {"rows": (1 << 19, 1 << 16), "block_rows": (4096, 1024), "read_gib": (4, 0.5),
                                        "block_mb": (128, 64)})
 
@@ -104,18 +107,18 @@ def quality(args, root: Path) -> dict[str, Any]:
 # -- 2. cold throughput -------------------------------------------------------------------------
 
 
-def epoch_rate(ds: ShardedDataset) -> float:
+def epoch_rate(ds: ShardedDataset, row_bytes: int) -> float:
     """Bytes per second of the next epoch of ``ds``."""
-    return common.epoch_rows_per_s(ds) * ROW_BYTES
+    return common.epoch_rows_per_s(ds) * row_bytes
 
 
 def throughput(args, root: Path) -> dict[str, Any]:
-    rows = common.rows_for(args.read_gib, 16, args.block_mb)
+    rows, row_bytes = common.rows_for(args.read_gib, args.features, args.block_mb), 4 * (args.features + 1)
     path = str(root / "read.zarr")
-    shardset.generate_regression(path, rows=rows, features=16, block_mb=args.block_mb, progress=False)
+    shardset.generate_regression(path, rows=rows, features=args.features, block_mb=args.block_mb, progress=False)
     lay = shardset.BlockStore.open(path).layout
     chunks = [p for p in common.tree_files(path) if p.relative_to(path).parts[:2] in (("X", "c"), ("y", "c"))]
-    cfgs = {"1 block (W = 1)": dict(window_blocks=1), **configs(lay.block_rows * ROW_BYTES, args.budget)}
+    cfgs = {"1 block (W = 1)": dict(window_blocks=1), **configs(lay.block_rows * row_bytes, args.budget)}
     rates: dict[str, list[float]] = {"O_DIRECT sequential": [], **{k: [] for k in cfgs}}
     whole = direct_nbytes(max(p.stat().st_size for p in chunks))  # one read a file: the disk's best case
     evictions = []
@@ -124,14 +127,14 @@ def throughput(args, root: Path) -> dict[str, Any]:
     first = {}  # the first epoch also faults in each reader's buffers, kept for the next epochs
     for name in names:
         evictions.append(common.evict_verified(chunks))
-        first[name] = epoch_rate(readers[name]) / GB
+        first[name] = epoch_rate(readers[name], row_bytes) / GB
     print("first epochs: " + ", ".join(f"{k} {v:.3f}" for k, v in first.items()) + " GB/s", flush=True)
     for r in range(args.repeats):
         evictions.append(common.evict_verified(chunks))
         rates["O_DIRECT sequential"].append(direct_read(chunks, piece=whole)["gb_per_s"] * GB)
         for name in names[r % len(names):] + names[: r % len(names)]:
             evictions.append(common.evict_verified(chunks))
-            rates[name].append(epoch_rate(readers[name]))
+            rates[name].append(epoch_rate(readers[name], row_bytes))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1] / GB:.3f}" for k, v in rates.items()) + " GB/s", flush=True)
     base = rates["O_DIRECT sequential"]
     return {
@@ -185,7 +188,8 @@ def main(argv=None) -> dict[str, Any]:
             fmt(u["batch_tv"], digits=3), "", ""),
            ("O_DIRECT sequential read", "", "", "", "", "", "", "", fmt(t["gb_per_s"]["O_DIRECT sequential"], digits=3), "1")],
         title=f"memory budget {args.budget} blocks; quality: y-sorted store of {args.rows:,} rows in blocks of "
-              f"{args.block_rows:,}, batch {b}; throughput: {t['blocks']} blocks of {args.block_mb} MiB, cold cache; "
+              f"{args.block_rows:,}, batch {b}; throughput: {t['blocks']} blocks of {args.block_mb} MiB, "
+              f"d = {args.features}, cold cache; "
               f"median [min-max] of {args.repeats}",
     )
     print_table(["target", "value", "verdict"], [(k, v["value"] if isinstance(v["value"], str) else f"{v['value']:.3g}",
@@ -220,7 +224,8 @@ def plot(args, result: dict[str, Any]) -> None:
     a2.axhline(0.8, color="gray", ls=":", label="0.8")
     a2.set_xticks(range(len(keys)), keys, rotation=20, ha="right", fontsize=8)
     a2.set_ylabel("cold epoch / O_DIRECT sequential read")
-    a2.set_title(f"cold throughput, {t['blocks']} blocks of {result['args']['block_mb']} MiB")
+    a2.set_title(f"cold throughput, {t['blocks']} blocks of {result['args']['block_mb']} MiB, "
+                 f"d = {result['args'].get('features', 16)}")
     a2.legend(fontsize=8)
     fig.tight_layout()
     common.save_plot(fig, args.name)

@@ -45,24 +45,6 @@ def test_stages_cover_every_row_once(rows, block_rows, window):
     assert np.array_equal(np.sort(ids), np.arange(rows))
 
 
-@pytest.mark.parametrize("rows, block_rows, window", [(1009, 97, 5), (1009, 10, 64), (1000, 10, 7), (7, 3, 2)])
-def test_index_from_origin_matches_the_per_run_lookup(rows, block_rows, window):
-    """A reader that keeps each block's order as consecutive buffer rows (slice units)
-    gets the same index from ``origin`` as from a lookup per run: whole stages,
-    pieces cut mid-stage, and stages with the short last block."""
-    for rank in range(2):  # two ranks: each cuts a stage where the other's rows start or end
-        plan = EpochPlan(rows=rows, block_rows=block_rows, batch_size=BS, seed=5, epoch=2, window_blocks=window,
-                         rank=rank, world_size=2)
-        start = np.random.default_rng(0).permutation(plan.num_blocks) * block_rows  # where each visit sits
-
-        def rows_fn(block, visit, first, out):
-            out[:] = np.arange(start[visit] + first, start[visit] + first + len(out))
-
-        for p in plan.pieces(0, plan.num_batches):
-            np.testing.assert_array_equal(plan.piece_index(p, origin=lambda visits: start[visits]),
-                                          plan.piece_index(p, rows_fn))
-
-
 def test_stage_of_inverts_offset():
     plan = EpochPlan(rows=1009, block_rows=97, batch_size=BS, seed=0, window_blocks=4)
     for t in range(plan.num_stages):
