@@ -400,10 +400,7 @@ class _Buffers:
 
     One slot holds a block (or a slice unit) of every field, the same rows in
     each, with room for the checksum trailer and for a read with ``O_DIRECT``
-    rounded up to 4 KiB.  A slice unit starts at no fixed place in its chunk
-    file, so it is read to ring row ``shift(row) < align`` of its slot: there its
-    widest field sits at the file's offset modulo 4 KiB, and an ``O_DIRECT`` read
-    lands in place (the slot has ``align`` rows of room on each side).  Reusing them across epochs saves faulting the pages in
+    rounded up to 4 KiB.  Reusing them across epochs saves faulting the pages in
     again, and reusing the scratch arrays keeps the heap from fragmenting: peak RSS
     at prefetch=1 in ``python -m benchmarks.bench_read`` went from 3.07 blocks to
     2.37 when they came in, and is 2.68 with the O_DIRECT room and the
@@ -418,23 +415,14 @@ class _Buffers:
             need = max(-(-direct_nbytes(store.block_nbytes(f) + CRC_BYTES) // rb) for f, rb in zip(fields, row_bytes))
             step = math.lcm(*(DIRECT_ALIGN // math.gcd(DIRECT_ALIGN, rb) for rb in row_bytes))
             self.slot_rows = -(-need // step) * step
-            self.align = 1
         else:
-            widest = max(row_bytes)
-            self.align = DIRECT_ALIGN // math.gcd(DIRECT_ALIGN, widest)
-            if self.align > unit_rows // 32:  # the room would cost over 6% of the memory: read through a copy
-                self.align = 1
-            self.slot_rows = -(-unit_rows // self.align) * self.align + 2 * (self.align > 1) * self.align
+            self.slot_rows = unit_rows
         self.raw = {f: aligned_buffer(slots * self.slot_rows * rb) for f, rb in zip(fields, row_bytes)}
         self.rings = {f: self.raw[f].view(layout.fields[f].dtype).reshape(slots * self.slot_rows, *layout.fields[f].shape)
                       for f in fields}
         self.orders = np.empty((slots, self.slot_rows), np.int32)  # row orders, by slot
         self.index_dtype = np.int32 if slots * self.slot_rows < 2**31 else np.int64
         self.indices: list[np.ndarray] = []
-
-    def shift(self, row: int) -> int:
-        """The ring row in its slot where a unit starting at row ``row`` of its block goes."""
-        return row % self.align
 
     def slot(self, field: str, slot: int) -> np.ndarray:
         """The raw bytes of ``slot`` of ``field`` (a buffer for ``BlockStore.read_block``)."""
@@ -454,9 +442,10 @@ class _BlockReader:
     Reads run on ``max(1, prefetch)`` I/O threads (at most ``IO_THREADS``, or
     about ``SLICE_IO_BYTES`` of slice units); row orders and each piece's
     gather index are computed on a separate thread, so neither waits for the
-    other (both release the GIL).  A block's slot is reused once the consumer is
-    past the last stage that needs it.  Iterating yields ``(ring rows by field,
-    gather index)`` per piece, in stream order.
+    other (both release the GIL).  A slice unit's row order is computed by its
+    read, which stores the rows in that order.  A block's slot is reused once
+    the consumer is past the last stage that needs it.  Iterating yields
+    ``(ring rows by field, gather index)`` per piece, in stream order.
     """
 
     def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], pieces, prefetch: int,
@@ -471,7 +460,9 @@ class _BlockReader:
         if slices:  # plan.block_rows is the unit's
             unit_bytes = plan.block_rows * sum(store.layout.fields[f].row_bytes for f in fields)
             most = min(SLICE_IO_THREADS, max(4, SLICE_IO_BYTES // unit_bytes))
-        self.io = ThreadPoolExecutor(min(max(1, prefetch), most), thread_name_prefix="shardset-read")
+        # slice units get their row orders on these threads: one intra-op thread, as below
+        self.io = ThreadPoolExecutor(min(max(1, prefetch), most), thread_name_prefix="shardset-read",
+                                     initializer=torch.set_num_threads, initargs=(1,))
         # One intra-op thread for this thread's torch calls (a thread-local setting):
         # randperm of over 32k rows otherwise wakes the intra-op pool, which cost
         # 20 ms instead of 0.3 ms for 61k rows (a one-off timing on a busy 2-core machine).
@@ -484,7 +475,6 @@ class _BlockReader:
         # slot's row order is filled by a task on that single thread, so every later task
         # there sees it done.
         self.slot_by_visit = np.zeros(plan.num_blocks, np.int64)
-        self.first_row = np.zeros(buffers.slots, np.int64)  # ring row of each slot's unit
         self.order_error: BaseException | None = None
         self.indices: deque[Future] = deque()
         self.indexed = 0  # pieces whose gather index has been submitted
@@ -514,11 +504,14 @@ class _BlockReader:
             for f in self.fields:
                 self.store.read_block(f, unit, self.buffers.slot(f, slot), direct=self.direct)
             return
-        start, shift = unit * self.plan.block_rows, int(self.first_row[slot]) - slot * self.slot_rows
+        # A unit of slices is stored in the slot already in its row order (gathered in the
+        # copy out of the read buffer), so the stages read each unit in sequence: 4-5x
+        # cheaper than gathering random rows of 100+ units (a one-off timing here).
+        start = unit * self.plan.block_rows
+        order = self.plan.block_order(unit, self.buffers.orders[slot])
         for f in self.fields:
-            rb = self.store.layout.fields[f].row_bytes
-            self.store.read_rows(f, start, start + self.plan.block_size(unit), self.buffers.slot(f, slot),
-                                 direct=self.direct, at=shift * rb)
+            self.store.read_rows(f, start, start + len(order), self.buffers.slot(f, slot), direct=self.direct,
+                                 order=order)
 
     def _name(self, unit: int) -> str:
         if not self.slices:
@@ -556,12 +549,10 @@ class _BlockReader:
         while self.free and self.needed:
             k, slot = self.needed.popleft(), self.free.pop()
             self.slot_of[k] = slot
-            self.slot_by_visit[k] = slot
-            unit = plan.block_at(k)
-            shift = self.buffers.shift(unit * plan.block_rows % self.store.layout.block_rows) if self.slices else 0
-            self.first_row[slot] = slot * self.slot_rows + shift
             self.loads[k] = self.io.submit(self._load, k, slot)
-            self.cpu.submit(self._order, unit, self.buffers.orders[slot])
+            self.slot_by_visit[k] = slot
+            if not self.slices:  # a slice unit's order is applied as it is read
+                self.cpu.submit(self._order, plan.block_at(k), self.buffers.orders[slot])
             for ahead in itertools.islice(self.needed, 2):  # the disk reads ahead of the buffers
                 self._will_need(plan.block_at(ahead))
         while self.indexed < len(self.pieces):
@@ -603,12 +594,14 @@ class _BlockReader:
         """Write the ring rows at positions ``firsts[j] ..`` of visit ``visits[j]``'s row
         order into column ``j`` of ``out`` (an ``EpochPlan.piece_index`` lookup)."""
         slots = self.slot_by_visit[visits]
-        base, orders = self.first_row[slots], self.buffers.orders
+        base, orders = slots * self.slot_rows, self.buffers.orders
         m, w = out.shape
-        if w <= 16:  # a few long runs: one add each, no temporaries
-            for j, (s, first) in enumerate(zip(slots.tolist(), firsts.tolist())):
-                np.add(orders[s, first : first + m], base[j], out=out[:, j], dtype=out.dtype)
-        else:  # many short runs (slice units): one gather for all
+        if self.slices:  # a slot holds its unit in its row order
+            np.add(base + firsts, np.arange(m)[:, None], out=out, casting="unsafe")
+        elif w <= 16:  # a few long runs: one add each, no temporaries
+            for j, (slot, first) in enumerate(zip(slots.tolist(), firsts.tolist())):
+                np.add(orders[slot, first : first + m], base[j], out=out[:, j], dtype=out.dtype)
+        else:  # many short runs (a window of many small blocks): one gather for all
             np.add(orders[slots, firsts + np.arange(m)[:, None]], base, out=out, casting="unsafe")
 
     def close(self) -> None:

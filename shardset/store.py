@@ -349,43 +349,56 @@ class BlockStore:
                                    "older shardset): read whole blocks, or rewrite it with `shardset shuffle`")
 
     def read_rows(self, name: str, start: int, stop: int, buffer: np.ndarray | None = None, *,
-                  direct: bool = False, at: int = 0) -> np.ndarray:
+                  direct: bool = False, order: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of field ``name`` (they may span blocks), reading only
         the checksummed slices that hold them and verifying each.
 
-        Needs a store with slice checksums (``layout.slice_rows``).  ``buffer``: a
-        ``uint8`` array with room for the rows from byte ``at`` on; the result views it.
-        ``direct``: read slices that are not in the page cache with ``O_DIRECT``:
-        straight into ``buffer`` when it is 4 KiB-aligned where the file is (``at`` is
-        the rows' file offset modulo 4096, plus any multiple of 4096) and has room
-        for the 4 KiB-aligned span around them (bytes of ``buffer`` outside the
-        rows' own may then be overwritten), else through a per-thread aligned buffer.
+        Needs a store with slice checksums (``layout.slice_rows``).  ``buffer``: at
+        least ``(stop - start) * row_bytes`` bytes to read into; the result views it.
+        ``direct``: read slices that are not in the page cache with ``O_DIRECT``
+        (through a per-thread aligned buffer of the read's size).  ``order``: row
+        ``i`` of the result is row ``order[i]`` of the range (indices into it, as
+        many as wanted): the rows are verified as stored, then gathered into
+        ``buffer`` in the pass that would otherwise copy them there, so a reader
+        that shuffles them gets them in place, ready to be read in sequence.
 
         >>> import numpy as np, tempfile, os
         >>> from shardset import write
         >>> s = write(os.path.join(tempfile.mkdtemp(), "r.zarr"), {"x": np.arange(10) * 10}, block_rows=4)
-        >>> s.read_rows("x", 3, 6).tolist()
-        [30, 40, 50]
+        >>> s.read_rows("x", 3, 6).tolist(), s.read_rows("x", 3, 6, order=np.array([2, 0])).tolist()
+        ([30, 40, 50], [50, 30])
         """
         lay, spec = self.layout, self.layout.fields[name]
         self.require_slices()
         if not 0 <= start <= stop <= lay.rows:
             raise ArgumentError(f"rows [{start}, {stop}) are outside [0, {lay.rows})")
         rb = spec.row_bytes
-        buffer = np.empty((stop - start) * rb, np.uint8) if buffer is None else buffer
-        if not 0 <= at <= len(buffer) - (stop - start) * rb:
-            raise ArgumentError(f"buffer of {len(buffer)} bytes has no room for {stop - start} rows of "
-                                f"{rb} bytes at byte {at}")
-        pos, end = start, at
-        while pos < stop:  # one part per block the range touches
+        rows = stop - start if order is None else len(order)
+        out = np.empty(rows * rb, np.uint8) if buffer is None else buffer[: rows * rb]
+        parts = []  # (block, first row, last row) of each block the range touches
+        pos = start
+        while pos < stop:
             block, first = divmod(pos, lay.block_rows)
-            last = first + min(stop, (block + 1) * lay.block_rows) - pos
-            got = self._slice_rows(name, block, first, last, direct, buffer, end)
-            if got.ctypes.data != buffer.ctypes.data + end:  # not read in place
-                buffer[end : end + len(got)] = got
-            end += len(got)
-            pos += last - first
-        return buffer[at:end].view(spec.dtype).reshape(stop - start, *spec.shape)
+            end = min(stop, (block + 1) * lay.block_rows)
+            parts.append((block, first, first + end - pos))
+            pos = end
+        if order is None:
+            at = 0
+            for block, first, last in parts:
+                dest = out[at : at + (last - first) * rb]
+                got = self._slice_rows(name, block, first, last, direct, dest)
+                if got is not dest:
+                    dest[:] = got
+                at += len(dest)
+        elif len(order) and not (0 <= order.min() and order.max() < stop - start):
+            raise ArgumentError(f"order must hold indices into the {stop - start} rows read")
+        elif len(parts) == 1:
+            _take_rows(self._slice_rows(name, *parts[0], direct), order, out, rb)
+        else:  # a range across blocks: its parts side by side first (a scratch view lasts one read)
+            whole = np.empty((stop - start) * rb, np.uint8)
+            self.read_rows(name, start, stop, whole, direct=direct)
+            _take_rows(whole, order, out, rb)
+        return out.view(spec.dtype).reshape(rows, *spec.shape)
 
     def remove_partials(self) -> int:
         """Delete temporary ``*.partial`` files a killed writer left; returns how many."""
@@ -580,17 +593,16 @@ class BlockStore:
         return table
 
     def _slice_rows(self, name: str, block: int, first: int, last: int, direct: bool,
-                    buffer: np.ndarray | None = None, at: int = 0) -> np.ndarray:
-        """The verified bytes of rows ``[first, last)`` of ``block``: read into
-        ``buffer`` from byte ``at`` when they are whole slices (see :meth:`read_rows`),
-        else into this thread's scratch buffer (the result then views it until the
-        thread's next read)."""
+                    dest: np.ndarray | None = None) -> np.ndarray:
+        """The verified bytes of rows ``[first, last)`` of ``block``: read straight into
+        ``dest`` when they are whole slices, else into this thread's scratch buffer
+        (the result then views it until the thread's next read)."""
         lay = self.layout
         rb, sr = lay.fields[name].row_bytes, lay.slice_rows
         s0, s1 = first // sr, -(-last // sr)
         lead = (first - s0 * sr) * rb
-        into = (buffer, at) if buffer is not None and lead == 0 and last == s1 * sr else None
-        raw = self._read_range(name, block, s0 * sr * rb, (s1 - s0) * sr * rb, into, direct)
+        whole = dest is not None and lead == 0 and last == s1 * sr
+        raw = self._read_range(name, block, s0 * sr * rb, (s1 - s0) * sr * rb, dest if whole else None, direct)
         self.check_slices(name, block, raw, s0)
         return raw[lead : lead + (last - first) * rb]
 
@@ -603,13 +615,10 @@ class BlockStore:
             if crc32c.crc32c(raw[i * step : (i + 1) * step]) != expected[first + i]:
                 raise CorruptBlockError(f"{self._describe(name, block)} fails the crc32c of its slice {first + i}")
 
-    def _read_range(self, name: str, block: int, offset: int, nbytes: int,
-                    into: tuple[np.ndarray, int] | None = None, direct: bool = False) -> np.ndarray:
-        """The chunk's ``nbytes`` bytes from ``offset`` (one ranged read): in ``buffer``
-        from byte ``at`` when ``into = (buffer, at)`` is given, else in this thread's
-        scratch buffer (valid until its next read).  A direct read that cannot land
-        in place goes through the scratch buffer and is copied there."""
-        dest = None if into is None else into[0][into[1] : into[1] + nbytes]
+    def _read_range(self, name: str, block: int, offset: int, nbytes: int, dest: np.ndarray | None = None,
+                    direct: bool = False) -> np.ndarray:
+        """The chunk's ``nbytes`` bytes from ``offset`` (one ranged read): in ``dest`` when
+        given, else in this thread's scratch buffer (valid until its next read)."""
         path = self.chunk_path(name, block)
         if path is None:  # one ranged GET, streamed into place
             out = _scratch_buffer(nbytes)[:nbytes] if dest is None else dest
@@ -626,13 +635,14 @@ class BlockStore:
         except OSError as exc:
             raise CorruptBlockError(f"{self._describe(name, block)} cannot be read: {exc.strerror or exc}") from None
         try:
-            got = _read_range_direct(fd, offset, nbytes, into) if direct else None
+            got = _read_range_direct(fd, offset, nbytes) if direct else None
             if got is not None:
                 if len(got) < nbytes:
                     raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
-                if dest is not None and got.ctypes.data != dest.ctypes.data:
-                    dest[:] = got
-                return got if dest is None else dest
+                if dest is None:
+                    return got
+                dest[:] = got
+                return dest
             if hasattr(os, "posix_fadvise"):  # no readahead past the range: the next read is elsewhere
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             out = _scratch_buffer(nbytes)[:nbytes] if dest is None else dest
@@ -765,28 +775,22 @@ def _read_direct(fd: int, buffer: np.ndarray, want: int) -> int | None:
     return _preadv_direct(fd, memoryview(buffer)[:size], 0)
 
 
-def _read_range_direct(fd: int, offset: int, nbytes: int, into: tuple[np.ndarray, int] | None = None
-                       ) -> np.ndarray | None:
+def _read_range_direct(fd: int, offset: int, nbytes: int) -> np.ndarray | None:
     """The ``nbytes`` bytes from ``offset`` of the file on ``fd``, read with ``O_DIRECT``:
-    the 4 KiB-aligned span around them goes into ``buffer`` so that the bytes land
-    from its byte ``at`` (``into = (buffer, at)``) when the span fits there at an
-    aligned address, else into this thread's aligned scratch buffer; the result
-    views where they landed (fewer bytes at the end of the file).  None where the
-    ordinary read should be used (the range is in the page cache, or the file
-    system refuses direct I/O)."""
+    the 4 KiB-aligned span around them goes into this thread's aligned scratch
+    buffer, and the result views it (fewer bytes at the end of the file).  None
+    where the ordinary read should be used (the range is in the page cache, or
+    the file system refuses direct I/O)."""
     if not hasattr(os, "O_DIRECT") or _page_cached(fd, nbytes, offset):
         return None
-    lead = offset % DIRECT_ALIGN
-    size = direct_nbytes(lead + nbytes)
-    target = _scratch_buffer(size)
-    if into is not None:
-        buffer, at = into
-        if at >= lead and at - lead + size <= len(buffer) and is_aligned(buffer[at - lead :]):
-            target = buffer[at - lead :]
-    got = _preadv_direct(fd, memoryview(target)[:size], offset - lead)
+    start = offset - offset % DIRECT_ALIGN
+    size = direct_nbytes(offset + nbytes - start)
+    scratch = _scratch_buffer(size)
+    got = _preadv_direct(fd, memoryview(scratch)[:size], start)
     if got is None:
         return None
-    return target[lead : lead + max(0, min(nbytes, got - lead))]
+    lead = offset - start
+    return scratch[lead : lead + max(0, min(nbytes, got - lead))]
 
 
 def _scratch_buffer(nbytes: int) -> np.ndarray:

@@ -180,50 +180,6 @@ def test_verify_checks_the_slice_table_and_repair_rewrites_it(tmp_path):
     assert verify(path, workers=1).ok
 
 
-def _evict(path: str) -> None:
-    import os
-    from pathlib import Path
-
-    for chunk in Path(path).rglob("c/*/*"):
-        fd = os.open(chunk, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-
-
-def test_direct_slice_units_land_in_place_and_give_the_same_stream(make_id_store):
-    """Units big enough for the alignment room (64-byte rows of X: 64 rows of room
-    on each side) are read with O_DIRECT straight into their slot, each at the ring
-    row where its file offset is 4 KiB-aligned; 2300-row units start at many
-    offsets and some straddle two blocks.  The stream is the buffered read's."""
-    path = make_id_store(40_000, 10_000, features=16)
-    kw = dict(seed=5, slice_mb=2300 * 72 / 2**20, window_blocks=2)
-    ref = stream_ids(list(ShardedDataset(path, BS, direct=False, **kw)))
-    _evict(path)
-    ds = ShardedDataset(path, BS, direct=True, **kw)
-    assert ds.unit_rows == 2300
-    np.testing.assert_array_equal(stream_ids(list(ds)), ref)
-    assert ds._buffers.align == 64  # the reader kept its buffers: they were built for in-place reads
-    _evict(path)
-    for batch in ShardedDataset(path, BS, direct=True, **kw):
-        check_id_rows(batch)
-
-
-def test_read_rows_direct_in_place_or_through_scratch(make_id_store):
-    """``read_rows(..., at=)`` puts the rows at byte ``at`` of the buffer whether the
-    O_DIRECT read can land in place (``at`` at the file's alignment) or not."""
-    from shardset.memory import aligned_buffer
-
-    path = make_id_store(40_000, 10_000, features=16)
-    bs = BlockStore.open(path)
-    want = bs.read_rows("X", 130, 2430)
-    for at in (130 * 64 % 4096, 130 * 64 % 4096 + 4096, 64, 0):
-        _evict(path)
-        buf = aligned_buffer(2300 * 64 + 3 * 4096)
-        np.testing.assert_array_equal(bs.read_rows("X", 130, 2430, buf, direct=True, at=at), want)
-    with pytest.raises(ValueError, match="no room"):
-        bs.read_rows("X", 130, 2430, aligned_buffer(2300 * 64), at=64)
-
-
 def test_direct_slice_reads_give_the_same_stream(make_id_store):
     """``direct=True`` reads uncached slices with O_DIRECT through an aligned scratch
     buffer (slices are not 4 KiB-aligned): the stream is the same."""

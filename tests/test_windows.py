@@ -64,9 +64,10 @@ def test_windows_deliver_exactly_once_with_equal_batch_counts(id_store, block_ro
     assert_ranks_split_once(id_store(N, block_rows), world_size, num_workers, seed=4, window_blocks=window)
 
 
-def test_window_stream_follows_the_plan(id_store):
-    path = id_store(N, 97)
-    ds = ShardedDataset(path, BS, seed=2, window_blocks=3)
+@pytest.mark.parametrize("block_rows, window", [(97, 3), (10, 20)])  # 20 blocks: the reader's one-gather lookup
+def test_window_stream_follows_the_plan(id_store, block_rows, window):
+    path = id_store(N, block_rows)
+    ds = ShardedDataset(path, BS, seed=2, window_blocks=window)
     got = stream_ids(list(ds))
     plan = ds.plan(0)
     want = np.concatenate([plan.piece_index(p) for p in plan.pieces(0, plan.num_batches)])
