@@ -403,8 +403,8 @@ class _Buffers:
     rounded up to 4 KiB.  Reusing them across epochs saves faulting the pages in
     again, and reusing the scratch arrays keeps the heap from fragmenting: peak RSS
     at prefetch=1 in ``python -m benchmarks.bench_read`` went from 3.07 blocks to
-    2.37 when they came in, and is 2.68 with the O_DIRECT room and the
-    ``(slots, rows)`` row orders (``benchmarks/results/read.json``).
+    2.37 when they came in, and is 2.61 with the O_DIRECT room, the
+    ``(slots, rows)`` row orders and 8 MiB gather chunks (``benchmarks/results/read.json``).
     """
 
     def __init__(self, store: BlockStore, fields: list[str], slots: int, unit_rows: int | None = None) -> None:
@@ -639,7 +639,7 @@ def _gathered(reader: "_BlockReader", fields: list[str], batch_size: int) -> Ite
     Chunks are cut on batch boundaries of the whole stream: after a piece that ends
     mid-batch, the next chunk holds just the rows that complete the batch.
     """
-    row_bytes = sum(reader.rings[f][:1].nbytes for f in fields)
+    row_bytes = sum(reader.store.layout.fields[f].row_bytes for f in fields)
     chunk, done = max(1, GATHER_BYTES // (row_bytes * batch_size)) * batch_size, 0
     for rings, index in reader:
         pos = 0
