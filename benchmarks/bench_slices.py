@@ -20,8 +20,8 @@ with slices of ``1/k`` of a block (``slice_mb``, :mod:`shardset.dataset`).
    Epochs 0..``--repeats``-1 give the median [min-max].
 2. **Cold throughput** on a store of 128 MiB blocks of X (``--features`` float32,
    default 16) and y: the reader's costs per row (its row order, the gathers)
-   and per batch weigh more the narrower the rows, so a 64-byte row (d = 16) is
-   bound by the CPU on a small machine where a 1 KiB row (d = 256) is not.  Each round evicts
+   and per batch weigh more against the disk the narrower the rows (68 bytes at
+   d = 16, 1 KiB at d = 256).  Each round evicts
    the chunk files from the page cache (checked with ``mincore``) before every
    run, reads them sequentially with ``O_DIRECT``, one read a file (the disk's
    sequential bandwidth) and streams one epoch with each configuration
