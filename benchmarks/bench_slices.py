@@ -113,10 +113,11 @@ def epoch_rate(ds: ShardedDataset, row_bytes: int) -> float:
 
 
 def throughput(args, root: Path) -> dict[str, Any]:
-    rows, row_bytes = common.rows_for(args.read_gib, args.features, args.block_mb), 4 * (args.features + 1)
+    rows = common.rows_for(args.read_gib, args.features, args.block_mb)
     path = str(root / "read.zarr")
     shardset.generate_regression(path, rows=rows, features=args.features, block_mb=args.block_mb, progress=False)
     lay = shardset.BlockStore.open(path).layout
+    row_bytes = lay.row_bytes
     chunks = [p for p in common.tree_files(path) if p.relative_to(path).parts[:2] in (("X", "c"), ("y", "c"))]
     cfgs = {"1 block (W = 1)": dict(window_blocks=1), **configs(lay.block_rows * row_bytes, args.budget)}
     rates: dict[str, list[float]] = {"O_DIRECT sequential": [], **{k: [] for k in cfgs}}

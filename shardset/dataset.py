@@ -347,7 +347,8 @@ class ShardedDataset(IterableDataset):
         """
         bs, have = self.batch_size, 0
         carry: list[list[torch.Tensor]] = []
-        with contextlib.closing(_ahead(_gathered(reader, self.fields, bs))) as chunks:
+        chunk = max(1, GATHER_BYTES // (self._row_bytes * bs)) * bs
+        with contextlib.closing(_ahead(_gathered(reader, self.fields, bs, chunk))) as chunks:
             for gathered in chunks:
                 n, pos = len(gathered[0]), 0
                 if have:  # finish the batch that started in the previous piece
@@ -632,15 +633,14 @@ def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _gathered(reader: "_BlockReader", fields: list[str], batch_size: int) -> Iterator[list[torch.Tensor]]:
-    """The rows of the reader's pieces, gathered about ``GATHER_BYTES`` at a time (one
-    gather per field amortizes the call) into fresh tensors.
+def _gathered(reader: "_BlockReader", fields: list[str], batch_size: int, chunk: int) -> Iterator[list[torch.Tensor]]:
+    """The rows of the reader's pieces, gathered ``chunk`` rows (a multiple of the batch
+    size) at a time (one gather per field amortizes the call) into fresh tensors.
 
     Chunks are cut on batch boundaries of the whole stream: after a piece that ends
     mid-batch, the next chunk holds just the rows that complete the batch.
     """
-    row_bytes = sum(reader.store.layout.fields[f].row_bytes for f in fields)
-    chunk, done = max(1, GATHER_BYTES // (row_bytes * batch_size)) * batch_size, 0
+    done = 0
     for rings, index in reader:
         pos = 0
         while pos < len(index):

@@ -55,7 +55,7 @@ from .errors import ArgumentError, StoreFormatError
 from .format import MIB, Layout, check_int
 from .memory import HUGE_PAGE_BYTES
 from .store import BlockStore, _take_rows
-from .writer import WrittenBlocks
+from .writer import WrittenBlocks, block_arrays, filled
 
 __all__ = ["SegmentShuffle", "SegmentSource", "default_segments", "plan_for", "rss_budget"]
 
@@ -204,10 +204,7 @@ class SegmentSource:
             _take_rows(self._gathered[name], order, dest, spec.row_bytes)
 
     def __call__(self, block: int) -> dict[str, np.ndarray]:
-        n = self.plan.layout.block_len(block)
-        out = {k: np.empty((n, *f.shape), f.dtype) for k, f in self._open().layout.fields.items()}
-        self.fill(block, out)
-        return out
+        return filled(self.fill, self.plan.layout, block, block_arrays(self.plan.layout))
 
 
 def plan_for(source: BlockStore, layout: Layout, segments: int | None, seed: int) -> SegmentShuffle:

@@ -67,7 +67,8 @@ from .permutation import FeistelPermutation
 from .segment_shuffle import SegmentSource, plan_for
 from .store import BlockStore, _writev_all, fadvise
 from .urls import REMOTE_SCHEMES, parse_url, worker_start_method
-from .writer import WrittenBlocks, _die_with_parent, _resolve_workers, layout_for, open_for_writing, write_blocks
+from .writer import (WrittenBlocks, _die_with_parent, _resolve_workers, block_arrays, filled, layout_for,
+                     open_for_writing, write_blocks)
 
 __all__ = ["SHUFFLE_NAME", "shuffle_store", "write_shuffled", "shuffled_position", "shuffle_rss_budget"]
 
@@ -565,10 +566,7 @@ class _Buckets:
         (self.root / _MARKER).unlink(missing_ok=True)
 
     def __call__(self, block: int) -> dict[str, np.ndarray]:
-        n = self.layout.block_len(block)
-        out = {k: np.empty((n, *s.shape), s.dtype) for k, s in self.layout.fields.items()}
-        self.fill(block, out)
-        return out
+        return filled(self.fill, self.layout, block, block_arrays(self.layout))
 
 
 class _Scratch:
