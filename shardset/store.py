@@ -34,7 +34,6 @@ import fcntl
 import functools
 import os
 import shutil
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +46,8 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from .checksum import joined_crc
+from .direct_io import DirectRead, Steps, scratch_buffer, run_steps
 from .errors import (
     ArgumentError,
     CorruptBlockError,
@@ -351,7 +352,8 @@ class BlockStore:
     def read_rows(self, name: str, start: int, stop: int, buffer: np.ndarray | None = None, *,
                   direct: bool = False, order: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of field ``name`` (they may span blocks), reading only
-        the checksummed slices that hold them and verifying each.
+        the checksummed slices that hold them and verifying each.  (:meth:`read_rows_steps`
+        is the same read as steps for :class:`shardset.direct_io.AsyncDirectReads`.)
 
         Needs a store with slice checksums (``layout.slice_rows``).  ``buffer``: at
         least ``(stop - start) * row_bytes`` bytes to read into; the result views it.
@@ -368,6 +370,12 @@ class BlockStore:
         >>> s.read_rows("x", 3, 6).tolist(), s.read_rows("x", 3, 6, order=np.array([2, 0])).tolist()
         ([30, 40, 50], [50, 30])
         """
+        return run_steps(self.read_rows_steps(name, start, stop, buffer, direct=direct, order=order))
+
+    def read_rows_steps(self, name: str, start: int, stop: int, buffer: np.ndarray | None = None, *,
+                        direct: bool = False, order: np.ndarray | None = None) -> Steps[np.ndarray]:
+        """:meth:`read_rows` as a steps generator (:mod:`shardset.direct_io`): it yields
+        its ``O_DIRECT`` reads to the driver that runs it."""
         lay, spec = self.layout, self.layout.fields[name]
         self.require_slices()
         if not 0 <= start <= stop <= lay.rows:
@@ -386,17 +394,17 @@ class BlockStore:
             at = 0
             for block, first, last in parts:
                 dest = out[at : at + (last - first) * rb]
-                got = self._slice_rows(name, block, first, last, direct, dest)
+                got = yield from self._slice_rows_steps(name, block, first, last, direct, dest)
                 if got is not dest:
                     dest[:] = got
                 at += len(dest)
         elif len(order) and not (0 <= order.min() and order.max() < stop - start):
             raise ArgumentError(f"order must hold indices into the {stop - start} rows read")
         elif len(parts) == 1:
-            _take_rows(self._slice_rows(name, *parts[0], direct), order, out, rb)
+            _take_rows((yield from self._slice_rows_steps(name, *parts[0], direct)), order, out, rb)
         else:  # a range across blocks: its parts side by side first (a scratch view lasts one read)
             whole = np.empty((stop - start) * rb, np.uint8)
-            self.read_rows(name, start, stop, whole, direct=direct)
+            yield from self.read_rows_steps(name, start, stop, whole, direct=direct)
             _take_rows(whole, order, out, rb)
         return out.view(spec.dtype).reshape(rows, *spec.shape)
 
@@ -592,17 +600,18 @@ class BlockStore:
             raise CorruptBlockError(f"the slice checksums of block {block} cannot be read: {exc}") from None
         return table
 
-    def _slice_rows(self, name: str, block: int, first: int, last: int, direct: bool,
-                    dest: np.ndarray | None = None) -> np.ndarray:
+    def _slice_rows_steps(self, name: str, block: int, first: int, last: int, direct: bool,
+                          dest: np.ndarray | None = None) -> Steps[np.ndarray]:
         """The verified bytes of rows ``[first, last)`` of ``block``: read straight into
-        ``dest`` when they are whole slices, else into this thread's scratch buffer
-        (the result then views it until the thread's next read)."""
+        ``dest`` when they are whole slices, else into a scratch buffer (the result
+        then views it until the next read)."""
         lay = self.layout
         rb, sr = lay.fields[name].row_bytes, lay.slice_rows
         s0, s1 = first // sr, -(-last // sr)
         lead = (first - s0 * sr) * rb
         whole = dest is not None and lead == 0 and last == s1 * sr
-        raw = self._read_range(name, block, s0 * sr * rb, (s1 - s0) * sr * rb, dest if whole else None, direct)
+        raw = yield from self._read_range_steps(name, block, s0 * sr * rb, (s1 - s0) * sr * rb, dest if whole else None,
+                                                direct)
         self.check_slices(name, block, raw, s0)
         return raw[lead : lead + (last - first) * rb]
 
@@ -610,18 +619,21 @@ class BlockStore:
         """Check the bytes ``raw`` of slices ``first, first + 1, ...`` of ``block`` of
         ``name`` against the slice checksums; raise :class:`CorruptBlockError` if one differs."""
         step = self.layout.slice_rows * self.layout.fields[name].row_bytes
-        expected = self.slice_checksums(block)[list(self.layout.fields).index(name)]
-        for i in range(len(raw) // step):
-            if crc32c.crc32c(raw[i * step : (i + 1) * step]) != expected[first + i]:
+        n = len(raw) // step
+        expected = self.slice_checksums(block)[list(self.layout.fields).index(name), first : first + n].tolist()
+        if not n or crc32c.crc32c(raw[: n * step]) == joined_crc(expected, step):  # one pass for the whole run
+            return
+        for i in range(n):  # name the slice that differs
+            if crc32c.crc32c(raw[i * step : (i + 1) * step]) != expected[i]:
                 raise CorruptBlockError(f"{self._describe(name, block)} fails the crc32c of its slice {first + i}")
 
-    def _read_range(self, name: str, block: int, offset: int, nbytes: int, dest: np.ndarray | None = None,
-                    direct: bool = False) -> np.ndarray:
+    def _read_range_steps(self, name: str, block: int, offset: int, nbytes: int, dest: np.ndarray | None = None,
+                          direct: bool = False) -> Steps[np.ndarray]:
         """The chunk's ``nbytes`` bytes from ``offset`` (one ranged read): in ``dest`` when
-        given, else in this thread's scratch buffer (valid until its next read)."""
+        given, else in a scratch buffer (valid until the next read)."""
         path = self.chunk_path(name, block)
         if path is None:  # one ranged GET, streamed into place
-            out = _scratch_buffer(nbytes)[:nbytes] if dest is None else dest
+            out = scratch_buffer(nbytes)[:nbytes] if dest is None else dest
             want = self._chunk_nbytes(name)
             with remote_errors(self.where, f"reading {self._describe(name, block)} from"):
                 size = _stream_into(self.group.store.store, self.chunk_key(name, block), out, want,
@@ -635,7 +647,7 @@ class BlockStore:
         except OSError as exc:
             raise CorruptBlockError(f"{self._describe(name, block)} cannot be read: {exc.strerror or exc}") from None
         try:
-            got = _read_range_direct(fd, offset, nbytes) if direct else None
+            got = (yield from _range_direct_steps(fd, offset, nbytes)) if direct else None
             if got is not None:
                 if len(got) < nbytes:
                     raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
@@ -645,7 +657,7 @@ class BlockStore:
                 return dest
             if hasattr(os, "posix_fadvise"):  # no readahead past the range: the next read is elsewhere
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            out = _scratch_buffer(nbytes)[:nbytes] if dest is None else dest
+            out = scratch_buffer(nbytes)[:nbytes] if dest is None else dest
             done = 0
             while done < nbytes:
                 n = os.preadv(fd, [memoryview(out)[done:]], offset + done)
@@ -772,36 +784,24 @@ def _read_direct(fd: int, buffer: np.ndarray, want: int) -> int | None:
     actual = os.fstat(fd).st_size
     if actual != want:
         return actual
-    return _preadv_direct(fd, memoryview(buffer)[:size], 0)
+    got = run_steps(_direct_steps(fd, 0, size, buffer[:size]))
+    return None if got is None else len(got)
 
 
-def _read_range_direct(fd: int, offset: int, nbytes: int) -> np.ndarray | None:
+def _range_direct_steps(fd: int, offset: int, nbytes: int) -> Steps[np.ndarray | None]:
     """The ``nbytes`` bytes from ``offset`` of the file on ``fd``, read with ``O_DIRECT``:
-    the 4 KiB-aligned span around them goes into this thread's aligned scratch
-    buffer, and the result views it (fewer bytes at the end of the file).  None
-    where the ordinary read should be used (the range is in the page cache, or
-    the file system refuses direct I/O)."""
+    the 4 KiB-aligned span around them goes into the driver's aligned buffer, and
+    the result views it (fewer bytes at the end of the file).  None where the
+    ordinary read should be used (the range is in the page cache, or the file
+    system refuses direct I/O)."""
     if not hasattr(os, "O_DIRECT") or _page_cached(fd, nbytes, offset):
         return None
     start = offset - offset % DIRECT_ALIGN
-    size = direct_nbytes(offset + nbytes - start)
-    scratch = _scratch_buffer(size)
-    got = _preadv_direct(fd, memoryview(scratch)[:size], start)
+    got = yield from _direct_steps(fd, start, direct_nbytes(offset + nbytes - start))
     if got is None:
         return None
     lead = offset - start
-    return scratch[lead : lead + max(0, min(nbytes, got - lead))]
-
-
-def _scratch_buffer(nbytes: int) -> np.ndarray:
-    """This thread's reusable buffer of at least ``nbytes`` bytes, on huge pages: an
-    ``O_DIRECT`` read into 4 KiB pages goes to the disk as requests of at most
-    ``max_segments`` pages (about 1 MiB), into 2 MiB pages as requests of up to the
-    disk's limit (see :func:`shardset.bench.direct_read`)."""
-    scratch = getattr(_scratch, "buffer", None)
-    if scratch is None or scratch.nbytes < nbytes:
-        scratch = _scratch.buffer = aligned_buffer(nbytes)
-    return scratch
+    return got[lead : lead + max(0, min(nbytes, len(got) - lead))]
 
 
 def _take_rows(raw: np.ndarray, order: np.ndarray, out: np.ndarray, row_bytes: int) -> None:
@@ -810,31 +810,24 @@ def _take_rows(raw: np.ndarray, order: np.ndarray, out: np.ndarray, row_bytes: i
     np.take(raw.view(item), order.astype(np.intp, copy=False), out=out.view(item), mode="clip")
 
 
-def _preadv_direct(fd: int, view: memoryview, start: int) -> int | None:
-    """Switch ``fd`` to ``O_DIRECT`` and fill the aligned ``view`` from the aligned
-    offset ``start``; returns the bytes read (fewer at the end of the file), or None
-    where the file system refuses direct I/O (before any byte was read)."""
+def _direct_steps(fd: int, offset: int, nbytes: int, into: np.ndarray | None = None) -> Steps[np.ndarray | None]:
+    """Switch ``fd`` to ``O_DIRECT`` and read the aligned span (a :class:`DirectRead`);
+    returns the bytes read (fewer at the end of the file), or None where the file
+    system refuses direct I/O (``fd`` is then switched back for an ordinary read)."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
     except OSError:
         return None  # EINVAL: no direct I/O on this file system
-    got = 0
     try:
-        while got < len(view):
-            step = os.preadv(fd, [view[got:]], start + got)
-            got += step
-            if step == 0 or got % DIRECT_ALIGN:  # end of file
-                break
+        return (yield DirectRead(fd, offset, nbytes, into))
     except OSError as exc:
-        if exc.errno != errno.EINVAL or got:
+        if exc.errno != errno.EINVAL:
             raise
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-        return None  # the file system wants another alignment
-    return got
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return None  # the file system wants another alignment
 
 
-_scratch = threading.local()  # each I/O thread's buffer for slices (_scratch_buffer)
 
 
 def _page_cached(fd: int, size: int, start: int = 0) -> bool:

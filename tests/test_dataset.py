@@ -12,6 +12,7 @@ import gc
 import itertools
 import re
 import threading
+import os
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,14 @@ def check_id_rows(batch) -> None:
     assert X.ndim == 2 and y.ndim == 1 and X.shape[0] == y.shape[0]
     expect = y.to(torch.float32)[:, None] * torch.arange(1, X.shape[1] + 1, dtype=torch.float32)
     assert torch.equal(X, expect)
+
+
+def evict(path) -> None:
+    """Drop a store's chunks from the page cache: reads with ``direct=True`` then use O_DIRECT."""
+    for chunk in Path(path).rglob("c/*/*"):
+        fd = os.open(chunk, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
 
 
 def load(ds, num_workers: int, **kw) -> list:
@@ -676,14 +685,9 @@ def test_damaged_chunk_only_hits_the_rank_that_reads_it(make_id_store):
 def test_direct_reads_give_the_same_stream(make_id_store):
     """``direct=True`` reads uncached chunks with O_DIRECT (or falls back where the file
     system has none): the stream is the same, with workers too."""
-    import os
-
     path = make_id_store(N, 97)
     ref = list(ShardedDataset(path, BS, seed=3, direct=False))
-    for chunk in Path(path).rglob("c/*/*"):
-        fd = os.open(chunk, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # uncached: the direct path
-        os.close(fd)
+    evict(path)
     assert same_batches(list(ShardedDataset(path, BS, seed=3, direct=True)), ref)
     workers = load(ShardedDataset(path, BS, seed=3, direct=True), 2)  # the same batches, interleaved
     assert sorted(map(batch_key, workers)) == sorted(map(batch_key, ref))

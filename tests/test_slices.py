@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_dataset import BS, N, _chunk, _damage, assert_ranks_split_once, check_id_rows, stream_ids
+from test_dataset import BS, N, _chunk, _damage, assert_ranks_split_once, batch_key, check_id_rows, evict, load, stream_ids
 from test_resume import state_after
 
 from batches import same_batches
@@ -125,13 +125,16 @@ def test_slice_stream_resumes_at_every_batch(id_store, kw):
         ShardedDataset(path, BS, **{**opts, "slice_mb": rows_mb(30)}).load_state_dict(state)
 
 
-def test_a_damaged_slice_is_skipped_on_request(make_id_store):
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_damaged_slice_is_skipped_on_request(make_id_store, direct):
     path = make_id_store(N, 120)
     _damage(_chunk(path, "X", 2, 2), "flip")
+    evict(path)
     with pytest.raises(CorruptBlockError):
-        list(ShardedDataset(path, BS, slice_mb=rows_mb(30)))
+        list(ShardedDataset(path, BS, slice_mb=rows_mb(30), direct=direct))
+    evict(path)
     with pytest.warns(RuntimeWarning, match=r"skipping rows \[2\d\d, "):
-        batches = list(ShardedDataset(path, BS, slice_mb=rows_mb(30), on_error="skip"))
+        batches = list(ShardedDataset(path, BS, slice_mb=rows_mb(30), on_error="skip", direct=direct))
     assert sum(len(b[1]) for b in batches) == N
     for b in batches:
         check_id_rows(b)
@@ -181,18 +184,16 @@ def test_verify_checks_the_slice_table_and_repair_rewrites_it(tmp_path):
 
 
 def test_direct_slice_reads_give_the_same_stream(make_id_store):
-    """``direct=True`` reads uncached slices with O_DIRECT through an aligned scratch
-    buffer (slices are not 4 KiB-aligned): the stream is the same."""
-    import os
-    from pathlib import Path
-
+    """``direct=True`` reads uncached slices with O_DIRECT (many in flight from one
+    thread with Linux AIO, see shardset.direct_io) through aligned buffers (slices are
+    not 4 KiB-aligned): the stream is the same, also read from DataLoader workers."""
     path = make_id_store(N, 120)
     kw = dict(seed=3, slice_mb=rows_mb(30), window_blocks=2)
     ref = stream_ids(list(ShardedDataset(path, BS, direct=False, **kw)))
-    for chunk in Path(path).rglob("c/*/*"):
-        fd = os.open(chunk, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # uncached: the direct path
-        os.close(fd)
+    evict(path)
     np.testing.assert_array_equal(stream_ids(list(ShardedDataset(path, BS, direct=True, **kw))), ref)
+    evict(path)
+    workers = load(ShardedDataset(path, BS, direct=True, **kw), 2)  # the same batches, interleaved
+    assert sorted(map(batch_key, workers)) == sorted(map(batch_key, list(ShardedDataset(path, BS, direct=False, **kw))))
     bs = BlockStore.open(path)
     np.testing.assert_array_equal(bs.read_rows("y", 1, N, direct=True), np.arange(1, N))
