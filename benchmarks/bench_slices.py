@@ -31,7 +31,12 @@ with slices of ``1/k`` of a block (``slice_mb``, :mod:`shardset.dataset`).
    which also faults its buffers in (about a GiB for a window of 8 blocks, and
    the first touch of fresh memory is slow on this VM), runs before the rounds
    and is reported apart; the baseline's buffer is faulted in before its clock
-   starts too.
+   starts too.  Each epoch gives two rates: over the whole epoch, and over the
+   middle half of its rows.  A window of W units fills at the start of an epoch
+   (W units read before stage W - 1 delivers its rows) and drains at its end with
+   the disk idle; on the 4 GiB store a 7-block window is a fifth of the epoch,
+   on a terabyte it would be a thousandth, so the middle half is the rate a large
+   store streams at.
 
 Results: ``benchmarks/results/<name>.json`` and ``benchmarks/plots/<name>.png``.
 """
@@ -107,9 +112,10 @@ def quality(args, root: Path) -> dict[str, Any]:
 # -- 2. cold throughput -------------------------------------------------------------------------
 
 
-def epoch_rate(ds: ShardedDataset, row_bytes: int) -> float:
-    """Bytes per second of the next epoch of ``ds``."""
-    return common.epoch_rows_per_s(ds) * row_bytes
+def epoch_rates(ds: ShardedDataset, row_bytes: int) -> tuple[float, float]:
+    """Bytes per second of the next epoch of ``ds``: whole, and steady (the middle half of its rows)."""
+    whole, steady = common.epoch_rates(ds)
+    return whole * row_bytes, steady * row_bytes
 
 
 def throughput(args, root: Path) -> dict[str, Any]:
@@ -121,6 +127,7 @@ def throughput(args, root: Path) -> dict[str, Any]:
     chunks = [p for p in common.tree_files(path) if p.relative_to(path).parts[:2] in (("X", "c"), ("y", "c"))]
     cfgs = {"1 block (W = 1)": dict(window_blocks=1), **configs(lay.block_rows * row_bytes, args.budget)}
     rates: dict[str, list[float]] = {"O_DIRECT sequential": [], **{k: [] for k in cfgs}}
+    steady: dict[str, list[float]] = {k: [] for k in cfgs}
     whole = direct_nbytes(max(p.stat().st_size for p in chunks))  # one read a file: the disk's best case
     evictions = []
     names = list(cfgs)
@@ -128,14 +135,16 @@ def throughput(args, root: Path) -> dict[str, Any]:
     first = {}  # the first epoch also faults in each reader's buffers, kept for the next epochs
     for name in names:
         evictions.append(common.evict_verified(chunks))
-        first[name] = epoch_rate(readers[name], row_bytes) / GB
+        first[name] = epoch_rates(readers[name], row_bytes)[0] / GB
     print("first epochs: " + ", ".join(f"{k} {v:.3f}" for k, v in first.items()) + " GB/s", flush=True)
     for r in range(args.repeats):
         evictions.append(common.evict_verified(chunks))
         rates["O_DIRECT sequential"].append(direct_read(chunks, piece=whole)["gb_per_s"] * GB)
         for name in names[r % len(names):] + names[: r % len(names)]:
             evictions.append(common.evict_verified(chunks))
-            rates[name].append(epoch_rate(readers[name], row_bytes))
+            rate, mid = epoch_rates(readers[name], row_bytes)
+            rates[name].append(rate)
+            steady[name].append(mid)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1] / GB:.3f}" for k, v in rates.items()) + " GB/s", flush=True)
     base = rates["O_DIRECT sequential"]
     return {
@@ -143,8 +152,20 @@ def throughput(args, root: Path) -> dict[str, Any]:
         "settings": cfgs, "first_epoch_gb_per_s": first,
         "gb_per_s": {k: summarize([x / GB for x in v]) for k, v in rates.items()},
         "over_o_direct": {k: ratio_summary(v, base) for k, v in rates.items() if k != "O_DIRECT sequential"},
+        "steady_gb_per_s": {k: summarize([x / GB for x in v]) for k, v in steady.items()},
+        "steady_over_o_direct": {k: ratio_summary(v, base) for k, v in steady.items()},
         "resident_after_evict_max": max(e["resident_after"] for e in evictions),
     }
+
+
+def budget_target(q: dict[str, Any], ratios: dict[str, Any], b: int) -> dict[str, Any]:
+    """The sub-block target on one measure of throughput: among the configurations at
+    0.8 or more of O_DIRECT (all, if none is), the one of the largest b/VIF."""
+    fast = [k for k in q if k in ratios and ratios[k]["median"] >= 0.8]
+    best = max(fast or [k for k in q if k in ratios], key=lambda k: q[k]["reader"]["effective_batch"]["median"])
+    met = any(q[k]["reader"]["effective_batch"]["median"] >= b / 2 for k in fast)
+    return {"value": best, "effective_batch_over_b": q[best]["reader"]["effective_batch"]["median"] / b,
+            "over_o_direct": ratios[best]["median"], "verdict": "MET" if met else "MISSED"}
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -160,16 +181,13 @@ def main(argv=None) -> dict[str, Any]:
             q = quality(args, root)
             t = throughput(args, root)
     b = args.batch_size
-    met = [k for k in q if k in t["over_o_direct"] and q[k]["reader"]["effective_batch"]["median"] >= b / 2
-           and t["over_o_direct"][k]["median"] >= 0.8]
-    best = max((k for k in q if k in t["over_o_direct"]), key=lambda k: q[k]["reader"]["effective_batch"]["median"]
-               if t["over_o_direct"][k]["median"] >= 0.8 else -1)
     whole = [r for r in q.values() if r["unit_rows"] == args.block_rows]  # the formula's model: windows of blocks
     vif_worst = max((r["vif_vs_formula"] for r in whole), key=lambda v: abs(v - 1))
     targets = {
-        f"{args.budget}-block budget: a configuration with b/VIF >= b/2 at >= 0.8 of O_DIRECT": {
-            "value": best, "effective_batch_over_b": q[best]["reader"]["effective_batch"]["median"] / b,
-            "over_o_direct": t["over_o_direct"][best]["median"], "verdict": "MET" if met else "MISSED"},
+        f"{args.budget}-block budget: b/VIF >= b/2 at >= 0.8 of O_DIRECT, whole cold epochs":
+            budget_target(q, t["over_o_direct"], b),
+        f"{args.budget}-block budget: b/VIF >= b/2 at >= 0.8 of O_DIRECT, steady state (middle half of an epoch)":
+            budget_target(q, t["steady_over_o_direct"], b),
         "measured VIF / (1 + rho (b-1)/W), whole-block window (within 10%)": {
             "value": vif_worst, "verdict": "MET" if abs(vif_worst - 1) <= 0.1 else "MISSED"},
     }
@@ -178,16 +196,18 @@ def main(argv=None) -> dict[str, Any]:
     u = next(iter(q.values()))["uniform"]
     result["table"] = print_table(
         ["reader", "units in window", "rho", "VIF", "1+rho(b-1)/W", "1+rho(b/min(b,W)-1)", "b/VIF", "batch TV",
-         "cold GB/s", "/ O_DIRECT"],
+         "cold GB/s", "/ O_DIRECT", "steady / O_DIRECT"],
         [(k, r["window_units"], f"{r['rho']:.3f}", fmt(r["reader"]["vif"]), f"{r['predicted_vif']:.2f}",
           f"{r['cluster_vif']:.2f}",
           fmt(r["reader"]["effective_batch"], digits=1), fmt(r["reader"]["batch_tv"], digits=3),
-          fmt(t["gb_per_s"][k], digits=3), fmt_ratio(t["over_o_direct"][k])) for k, r in q.items()]
+          fmt(t["gb_per_s"][k], digits=3), fmt_ratio(t["over_o_direct"][k]), fmt_ratio(t["steady_over_o_direct"][k]))
+         for k, r in q.items()]
         + [("1 block (W = 1)", 1, "", "", "", "", "", "", fmt(t["gb_per_s"]["1 block (W = 1)"], digits=3),
-            fmt_ratio(t["over_o_direct"]["1 block (W = 1)"])),
+            fmt_ratio(t["over_o_direct"]["1 block (W = 1)"]), fmt_ratio(t["steady_over_o_direct"]["1 block (W = 1)"])),
            ("uniform shuffle", "", "", fmt(u["vif"]), "1", "1", fmt(u["effective_batch"], digits=1),
-            fmt(u["batch_tv"], digits=3), "", ""),
-           ("O_DIRECT sequential read", "", "", "", "", "", "", "", fmt(t["gb_per_s"]["O_DIRECT sequential"], digits=3), "1")],
+            fmt(u["batch_tv"], digits=3), "", "", ""),
+           ("O_DIRECT sequential read", "", "", "", "", "", "", "", fmt(t["gb_per_s"]["O_DIRECT sequential"], digits=3),
+            "1", "1")],
         title=f"memory budget {args.budget} blocks; quality: y-sorted store of {args.rows:,} rows in blocks of "
               f"{args.block_rows:,}, batch {b}; throughput: {t['blocks']} blocks of {args.block_mb} MiB, "
               f"d = {args.features}, cold cache; "
@@ -220,11 +240,14 @@ def plot(args, result: dict[str, Any]) -> None:
     a1.set_title("y-sorted store: quality at equal memory")
     a1.legend(fontsize=8)
     keys = list(t["over_o_direct"])
-    med, lo, hi = zip(*(common.errbar(t["over_o_direct"][k]) for k in keys))
-    a2.bar(range(len(keys)), med, yerr=[lo, hi], capsize=3)
+    for shift, (measure, label) in zip((-0.2, 0.2), (("over_o_direct", "whole epoch"),
+                                                      ("steady_over_o_direct", "middle half of the epoch"))):
+        if measure in t:  # results saved before the steady rate was measured have only the first
+            med, lo, hi = zip(*(common.errbar(t[measure][k]) for k in keys))
+            a2.bar([i + shift for i in range(len(keys))], med, width=0.4, yerr=[lo, hi], capsize=3, label=label)
     a2.axhline(0.8, color="gray", ls=":", label="0.8")
     a2.set_xticks(range(len(keys)), keys, rotation=20, ha="right", fontsize=8)
-    a2.set_ylabel("cold epoch / O_DIRECT sequential read")
+    a2.set_ylabel("cold rate / O_DIRECT sequential read")
     a2.set_title(f"cold throughput, {t['blocks']} blocks of {result['args']['block_mb']} MiB, "
                  f"d = {result['args'].get('features', 16)}")
     a2.legend(fontsize=8)

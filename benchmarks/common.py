@@ -673,10 +673,20 @@ def mixed_io_rate(read_paths: Sequence[str | os.PathLike], directory: str | os.P
 def epoch_rows_per_s(ds: Iterable[Any]) -> float:
     """Rows per second of the next epoch of ``ds`` (an iterable of batches whose first
     tensor has a row per sample), as a training loop that keeps ``ds`` across epochs sees it."""
-    t0, rows = time.perf_counter(), 0
+    return epoch_rates(ds)[0]
+
+
+def epoch_rates(ds: Iterable[Any], middle: tuple[float, float] = (0.25, 0.75)) -> tuple[float, float]:
+    """Rows per second of the next epoch of ``ds``: over the whole epoch, and over the
+    batches between fractions ``middle`` of its rows (the steady state of a reader
+    whose shuffle window fills at the start of an epoch and drains at its end)."""
+    marks = [(0, time.perf_counter())]
     for batch in ds:
-        rows += len(batch[0])
-    return rows / (time.perf_counter() - t0)
+        marks.append((marks[-1][0] + len(batch[0]), time.perf_counter()))
+    rows = marks[-1][0]
+    inside = [m for m in marks if middle[0] * rows <= m[0] <= middle[1] * rows]
+    (r0, t0), (r1, t1) = (inside[0], inside[-1]) if len(inside) > 1 else (marks[0], marks[-1])
+    return rows / (marks[-1][1] - marks[0][1]), (r1 - r0) / (t1 - t0)
 
 
 def rows_for(gib: float, features: int, block_mb: int) -> int:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import re
 import threading
-import os
 from pathlib import Path
 
 import numpy as np
