@@ -195,6 +195,7 @@ class _Slot:
     request: DirectRead | None = None
     buffer: np.ndarray | None = None  # where the current read goes
     got: int = 0  # bytes of it read so far
+    held: np.ndarray | None = None  # the driver's buffer it reads into (or last read into)
 
 
 class AsyncDirectReads:
@@ -216,7 +217,7 @@ class AsyncDirectReads:
         self._depth = depth
         self._context = _Context(depth + 1)
         self._slots: list[_Slot | None] = [None] * (depth + 1)
-        self._own: list[np.ndarray | None] = [None] * (depth + 1)  # each slot's buffer, for reads without ``into``
+        self._spare: list[np.ndarray] = []  # the driver's buffers no generator holds, for reads without ``into``
         self._iocbs = [_Iocb() for _ in range(depth + 1)]
         self._queue: collections.deque[tuple[Steps[Any], Future]] = collections.deque()
         self._cond = threading.Condition()
@@ -309,26 +310,41 @@ class AsyncDirectReads:
             try:
                 request = slot.steps.throw(error) if error is not None else slot.steps.send(value)
             except StopIteration as done:
+                self._release(index)
                 slot.future.set_result(done.value)
-                self._slots[index] = None
                 return
             except BaseException as exc:
+                self._release(index)
                 slot.future.set_exception(exc)
-                self._slots[index] = None
                 return
-            if request.into is not None:
-                slot.buffer = request.into
-            else:
-                own = self._own[index]
-                if own is None or own.nbytes < request.nbytes:
-                    own = self._own[index] = aligned_buffer(request.nbytes)
-                slot.buffer = own
+            self._give_back(slot)  # the generator is done with its last read's bytes
+            slot.buffer = request.into if request.into is not None else self._take(slot, request.nbytes)
             slot.request, slot.got = request, 0
             try:
                 self._submit(index, slot)
                 return
             except OSError as exc:
                 value, error = None, exc
+
+    def _take(self, slot: _Slot, nbytes: int) -> np.ndarray:
+        """The smallest spare buffer of at least ``nbytes`` (a new one if none is), held by ``slot``."""
+        fits = [i for i, b in enumerate(self._spare) if b.nbytes >= nbytes]
+        if fits:
+            buffer = self._spare.pop(min(fits, key=lambda i: self._spare[i].nbytes))
+        else:
+            buffer = aligned_buffer(nbytes)
+        slot.held = buffer
+        return buffer
+
+    def _give_back(self, slot: _Slot) -> None:
+        if slot.held is not None:
+            self._spare.append(slot.held)
+            slot.held = None
+
+    def _release(self, index: int) -> None:
+        """Free slot ``index`` (its generator has ended or been closed)."""
+        self._give_back(self._slots[index])
+        self._slots[index] = None
 
     def _submit(self, index: int, slot: _Slot) -> None:
         request = slot.request
@@ -342,8 +358,8 @@ class AsyncDirectReads:
         slot = self._slots[index]
         if self._cancel:
             slot.steps.close()
+            self._release(index)
             slot.future.cancel() or slot.future.set_exception(CancelledError())
-            self._slots[index] = None
             return
         if result < 0:
             self._resume(index, None, OSError(-result, os.strerror(-result)))
