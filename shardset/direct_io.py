@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
+import functools
 import os
 import platform
 import threading
@@ -50,7 +51,7 @@ import numpy as np
 
 from .memory import DIRECT_ALIGN, aligned_buffer
 
-__all__ = ["AsyncDirectReads", "DirectRead", "Steps", "ThreadedSteps", "fill_direct", "run_steps", "scratch_buffer"]
+__all__ = ["AsyncDirectReads", "DirectRead", "Steps", "ThreadedSteps", "run_steps", "scratch_buffer"]
 
 T = TypeVar("T")
 
@@ -73,7 +74,7 @@ class DirectRead:
 Steps = Generator[DirectRead, np.ndarray, T]
 
 
-def fill_direct(fd: int, view: memoryview, offset: int) -> int:
+def _fill(fd: int, view: memoryview, offset: int) -> int:
     """Fill ``view`` from ``offset`` of the file on ``fd``; returns the bytes read
     (fewer at the end of the file: a read that returns nothing, or a length that is
     not a whole number of ``DIRECT_ALIGN`` blocks)."""
@@ -93,7 +94,7 @@ def run_steps(steps: Steps[T]) -> T:
         while True:
             try:
                 buf = request.into if request.into is not None else scratch_buffer(request.nbytes)
-                got = fill_direct(request.fd, memoryview(buf)[: request.nbytes], request.offset)
+                got = _fill(request.fd, memoryview(buf)[: request.nbytes], request.offset)
             except OSError as exc:
                 request = steps.throw(exc)
             else:
@@ -134,6 +135,7 @@ class _Event(ctypes.Structure):  # struct io_event
                 ("res2", ctypes.c_int64)]
 
 
+@functools.lru_cache(maxsize=None)
 def _syscall() -> Callable[..., int] | None:
     if platform.machine() not in _SYSCALLS or platform.system() != "Linux":
         return None
