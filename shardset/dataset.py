@@ -441,13 +441,16 @@ class _BlockReader:
 
     Blocks go into a ring of ``window + prefetch`` slots per field, one array per
     field, so a stage that mixes several blocks is gathered with one ``np.take``.
-    Reads run on ``max(1, prefetch)`` I/O threads (at most ``IO_THREADS``, or
-    about ``SLICE_IO_BYTES`` of slice units); row orders and each piece's
-    gather index are computed on a separate thread, so neither waits for the
-    other (both release the GIL).  A slice unit's row order is computed by its
-    read, which stores the rows in that order.  A block's slot is reused once
-    the consumer is past the last stage that needs it.  Iterating yields
-    ``(ring rows by field, gather index)`` per piece, in stream order.
+    Each field of a unit is its own read.  Blocks are read on ``max(1, prefetch)``
+    I/O threads (at most ``IO_THREADS``); slice units keep about
+    ``SLICE_IO_BYTES`` of reads in flight, from one thread with Linux AIO when
+    they are read with ``O_DIRECT`` from local files (:mod:`shardset.direct_io`).
+    Block row orders and each piece's gather index are computed on a separate
+    thread, so neither waits for the other (both release the GIL).  A slice
+    unit's row order is computed when its load starts, and its reads store the
+    rows in that order.  A block's slot is reused once the consumer is past the
+    last stage that needs it.  Iterating yields ``(ring rows by field, gather
+    index)`` per piece, in stream order.
     """
 
     def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], pieces, prefetch: int,
@@ -462,13 +465,11 @@ class _BlockReader:
         if slices:  # plan.block_rows is the unit's
             unit_bytes = plan.block_rows * sum(store.layout.fields[f].row_bytes for f in fields)
             most = min(SLICE_IO_THREADS, max(4, SLICE_IO_BYTES // unit_bytes))
-        # slice units get their row orders where they are read: one intra-op thread, as below
         depth, local = min(max(1, prefetch), most), store.chunk_path(fields[0], 0) is not None
         if slices and direct and local and AsyncDirectReads.available():  # each field's reads in flight together
-            self.io = AsyncDirectReads(depth * len(fields), initializer=torch.set_num_threads, initargs=(1,))
+            self.io = AsyncDirectReads(depth * len(fields))
         else:
-            self.io = ThreadedSteps(depth, thread_name_prefix="shardset-read", initializer=torch.set_num_threads,
-                                    initargs=(1,))
+            self.io = ThreadedSteps(depth, thread_name_prefix="shardset-read")
         # One intra-op thread for this thread's torch calls (a thread-local setting):
         # randperm of over 32k rows otherwise wakes the intra-op pool, which cost
         # 20 ms instead of 0.3 ms for 61k rows (a one-off timing on a busy 2-core machine).
@@ -687,7 +688,11 @@ def _ahead(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
     runs it any more.
     """
     end = object()
-    pool = ThreadPoolExecutor(1, thread_name_prefix="shardset-gather")
+    # One intra-op thread for torch there (a thread-local setting): the reader starts
+    # its loads on this thread, and a slice unit's randperm of over 32k rows would
+    # otherwise wake the intra-op pool (see _BlockReader).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="shardset-gather", initializer=torch.set_num_threads,
+                              initargs=(1,))
     pending = deque(pool.submit(next, items, end) for _ in range(depth))
     try:
         while (item := pending.popleft().result()) is not end:

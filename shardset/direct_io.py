@@ -206,14 +206,14 @@ class AsyncDirectReads:
 
     :meth:`submit` returns a ``Future`` of a generator's value; generators start in
     the order they were submitted, and all their code runs on this driver's thread
-    (``initializer(*initargs)`` runs there first).  Raises ``OSError`` where the
+    (``shardset-aio``).  Raises ``OSError`` where the
     kernel has no AIO for this process (see :meth:`available`).  ``shutdown``
     waits for the reads in flight, whose buffers the kernel writes until they
     complete, and with ``cancel_futures`` closes the generators instead of
     resuming them.  Each generator reads one request at a time.
     """
 
-    def __init__(self, depth: int, initializer: Callable[..., Any] | None = None, initargs: tuple = ()) -> None:
+    def __init__(self, depth: int) -> None:
         # One slot more than reads in flight: a read that completes frees its place for the
         # next generator before its own generator resumes and works on the bytes.
         self._depth = depth
@@ -224,8 +224,7 @@ class AsyncDirectReads:
         self._queue: collections.deque[tuple[Steps[Any], Future]] = collections.deque()
         self._cond = threading.Condition()
         self._closed = self._cancel = False
-        self._thread = threading.Thread(target=self._run, args=(initializer, initargs), name="shardset-aio",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="shardset-aio", daemon=True)
         self._thread.start()
 
     @staticmethod
@@ -263,10 +262,8 @@ class AsyncDirectReads:
 
     # -- the driver's thread --------------------------------------------------------------
 
-    def _run(self, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+    def _run(self) -> None:
         try:
-            if initializer is not None:
-                initializer(*initargs)
             while self._fill(wait=True, most=self._depth):
                 if any(s is not None for s in self._slots):
                     for index, result in self._context.wait():
