@@ -47,7 +47,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from .checksum import joined_crc
-from .direct_io import DirectRead, Steps, scratch_buffer, run_steps
+from .direct_io import DirectRead, Steps, run_steps, scratch_buffer
 from .errors import (
     ArgumentError,
     CorruptBlockError,
