@@ -4,8 +4,7 @@ A store keeps one crc32c per slice of a block (``docs/format.md``).  A reader
 that fetches a run of slices checks them with one checksum pass over the whole
 run, against the CRC the slices' stored values give for their concatenation,
 instead of one call per slice: each call of the ``crc32c`` package over 32 KiB
-releases and retakes the GIL, and a dozen reading threads then spend their
-time handing it over (see ``docs/design.md``).
+releases and retakes the GIL (the measured gain: ``docs/design.md``).
 
 The CRC of a concatenation ``A + B`` is ``Z(crc(A)) ^ crc(B)``, where ``Z`` is
 the linear map that feeding ``len(B)`` zero bytes applies to the CRC register

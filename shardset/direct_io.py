@@ -16,7 +16,7 @@ back.  Two drivers run the same generator:
 Why the second one: slices of a few MiB at random offsets keep a disk busy
 only with about ten reads in flight.  As ten threads, each read also meant
 ten Python threads trading the GIL for their checksum and copy work: about
-10,000 context switches per GB and twice the CPU of the same work on one
+10,500 context switches per GB, and more CPU for the same work than on one
 thread (``docs/design.md`` has the measurements).
 
 Example:
