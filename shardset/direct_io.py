@@ -152,40 +152,34 @@ class _Context:
     the kernel refuses one (no AIO in a sandbox, ``fs.aio-max-nr`` used up)."""
 
     def __init__(self, depth: int) -> None:
-        self._call = _syscall()
-        if self._call is None:
+        self._syscall = _syscall()
+        if self._syscall is None:
             raise OSError(errno.ENOSYS, "Linux native AIO is not available on this platform")
         self._setup, self._destroy, self._getevents, self._submit = _SYSCALLS[platform.machine()]
         self.handle = ctypes.c_ulong(0)
-        self._check(self._call(self._setup, depth, ctypes.byref(self.handle)), "io_setup")
+        self._call("io_setup", self._setup, depth, ctypes.byref(self.handle))
         self._events = (_Event * depth)()
 
-    def _check(self, rc: int, what: str) -> int:
-        if rc < 0:
+    def _call(self, name: str, number: int, *args: Any) -> int:
+        """The system call's result, retried when a signal interrupts it; ``OSError`` on failure."""
+        while True:
+            rc = self._syscall(number, *args)
+            if rc >= 0:
+                return rc
             err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-        return rc
+            if err != errno.EINTR:
+                raise OSError(err, f"{name}: {os.strerror(err)}")
 
     def submit(self, iocb: _Iocb) -> None:
-        batch = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(iocb))
-        while True:
-            rc = self._call(self._submit, self.handle, 1, batch)
-            if rc >= 0 or ctypes.get_errno() != errno.EINTR:
-                break
-        self._check(rc, "io_submit")
+        self._call("io_submit", self._submit, self.handle, 1, (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(iocb)))
 
     def wait(self) -> list[tuple[int, int]]:
         """Block until at least one request completes: ``[(its data, its result)]``."""
-        while True:
-            rc = self._call(self._getevents, self.handle, 1, len(self._events), self._events, None)
-            if rc >= 0 or ctypes.get_errno() != errno.EINTR:
-                break
-        self._check(rc, "io_getevents")
-        return [(e.data, e.res) for e in self._events[:rc]]
+        done = self._call("io_getevents", self._getevents, self.handle, 1, len(self._events), self._events, None)
+        return [(e.data, e.res) for e in self._events[:done]]
 
     def close(self) -> None:
-        self._call(self._destroy, self.handle)
-
+        self._syscall(self._destroy, self.handle)
 
 
 @dataclass
