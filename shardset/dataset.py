@@ -405,7 +405,7 @@ class _Buffers:
     rounded up to 4 KiB.  Reusing them across epochs saves faulting the pages in
     again, and reusing the scratch arrays keeps the heap from fragmenting: peak RSS
     at prefetch=1 in ``python -m benchmarks.bench_read`` went from 3.07 blocks to
-    2.37 when they came in, and is 2.61 with the O_DIRECT room, the
+    2.37 when they came in, and is 2.61-2.64 with the O_DIRECT room, the
     ``(slots, rows)`` row orders and 8 MiB gather chunks (``benchmarks/results/read.json``).
     """
 
