@@ -466,9 +466,11 @@ class _BlockReader:
             unit_bytes = plan.block_rows * sum(store.layout.fields[f].row_bytes for f in fields)
             most = min(SLICE_IO_THREADS, max(4, SLICE_IO_BYTES // unit_bytes))
         depth, local = min(max(1, prefetch), most), store.chunk_path(fields[0], 0) is not None
-        if slices and direct and local and AsyncDirectReads.available():  # each field's reads in flight together
-            self.io = AsyncDirectReads(depth * len(fields))
-        else:
+        self.io: AsyncDirectReads | ThreadedSteps | None = None
+        if slices and direct and local:
+            with contextlib.suppress(OSError):  # no AIO here, or the system's AIO contexts are used up
+                self.io = AsyncDirectReads(depth * len(fields))  # each field's reads in flight together
+        if self.io is None:
             self.io = ThreadedSteps(depth, thread_name_prefix="shardset-read")
         # One intra-op thread for this thread's torch calls (a thread-local setting):
         # randperm of over 32k rows otherwise wakes the intra-op pool, which cost

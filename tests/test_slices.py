@@ -183,6 +183,25 @@ def test_verify_checks_the_slice_table_and_repair_rewrites_it(tmp_path):
     assert verify(path, workers=1).ok
 
 
+def test_slice_reads_fall_back_to_threads_without_aio(make_id_store, monkeypatch):
+    """Where the kernel refuses an AIO context (a sandbox, ``fs.aio-max-nr`` used up),
+    uncached slices are read with O_DIRECT on threads instead: the same stream."""
+    import errno
+
+    from shardset import direct_io
+
+    path = make_id_store(N, 120)
+    kw = dict(seed=3, slice_mb=rows_mb(30), window_blocks=2)
+    ref = stream_ids(list(ShardedDataset(path, BS, direct=False, **kw)))
+
+    def refuse(self, depth):
+        raise OSError(errno.EAGAIN, "io_setup: Resource temporarily unavailable")
+
+    monkeypatch.setattr(direct_io._Context, "__init__", refuse)
+    evict(path)
+    np.testing.assert_array_equal(stream_ids(list(ShardedDataset(path, BS, direct=True, **kw))), ref)
+
+
 def test_direct_slice_reads_give_the_same_stream(make_id_store):
     """``direct=True`` reads uncached slices with O_DIRECT (many in flight from one
     thread with Linux AIO, see shardset.direct_io) through aligned buffers (slices are
