@@ -189,9 +189,13 @@ class _Slot:
     steps: Steps[Any]
     future: Future
     request: DirectRead | None = None
-    buffer: np.ndarray | None = None  # where the current read goes
     got: int = 0  # bytes of it read so far
     held: np.ndarray | None = None  # the driver's buffer it reads into (or last read into)
+
+    @property
+    def buffer(self) -> np.ndarray:
+        """Where the current read goes."""
+        return self.request.into if self.request.into is not None else self.held
 
 
 class AsyncDirectReads:
@@ -200,8 +204,8 @@ class AsyncDirectReads:
 
     :meth:`submit` returns a ``Future`` of a generator's value; generators start in
     the order they were submitted, and all their code runs on this driver's thread
-    (``shardset-aio``).  Raises ``OSError`` where the
-    kernel has no AIO for this process (see :meth:`available`).  ``shutdown``
+    (``shardset-aio``).  Raises ``OSError`` where the kernel has no AIO for this
+    process (see :meth:`available`).  ``shutdown``
     waits for the reads in flight, whose buffers the kernel writes until they
     complete, and with ``cancel_futures`` closes the generators instead of
     resuming them.  Each generator reads one request at a time.
@@ -222,15 +226,14 @@ class AsyncDirectReads:
         self._thread.start()
 
     @staticmethod
+    @functools.cache
     def available() -> bool:
         """Whether this process can use Linux native AIO (tried once)."""
-        if _available[0] is None:
-            try:
-                _Context(1).close()
-                _available[0] = True
-            except OSError:
-                _available[0] = False
-        return _available[0]
+        try:
+            _Context(1).close()
+        except OSError:
+            return False
+        return True
 
     def submit(self, steps: Steps[T]) -> "Future[T]":
         future: Future = Future()
@@ -311,7 +314,8 @@ class AsyncDirectReads:
                 slot.future.set_exception(exc)
                 return
             self._give_back(slot)  # the generator is done with its last read's bytes
-            slot.buffer = request.into if request.into is not None else self._take(slot, request.nbytes)
+            if request.into is None:
+                self._take(slot, request.nbytes)
             slot.request, slot.got = request, 0
             try:
                 self._submit(index, slot)
@@ -319,15 +323,14 @@ class AsyncDirectReads:
             except OSError as exc:
                 value, error = None, exc
 
-    def _take(self, slot: _Slot, nbytes: int) -> np.ndarray:
-        """The smallest spare buffer of at least ``nbytes`` (a new one if none is), held by ``slot``."""
+    def _take(self, slot: _Slot, nbytes: int) -> None:
+        """Give ``slot`` the smallest spare buffer of at least ``nbytes`` (a new one if none is)."""
         fits = [i for i, b in enumerate(self._spare) if b.nbytes >= nbytes]
         if fits:
             buffer = self._spare.pop(min(fits, key=lambda i: self._spare[i].nbytes))
         else:
             buffer = aligned_buffer(nbytes)
         slot.held = buffer
-        return buffer
 
     def _give_back(self, slot: _Slot) -> None:
         if slot.held is not None:
@@ -366,9 +369,6 @@ class AsyncDirectReads:
                 self._resume(index, None, exc)
                 return
         self._resume(index, slot.buffer[: slot.got], None)
-
-
-_available: list[bool | None] = [None]
 
 
 class ThreadedSteps:
