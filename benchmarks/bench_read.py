@@ -14,7 +14,9 @@ interleaved rounds so every comparison is made in the same run:
   (batch 1024, consumed by touching one element per batch) against the baseline
   "plain ``readinto`` of the same chunk files into a reused buffer + one
   ``torch.randperm`` + ``torch.index_select`` per block into a reused buffer";
-  also ``shuffle=False``, ``prefetch`` 0/1/2 and ``num_workers`` 0/1/2;
+  also ``shuffle=False``, ``prefetch`` 0/1/2 and ``num_workers`` 0/1/2, and
+  two workers handing out ready-made batches with nothing to read (the
+  ceiling of ``num_workers > 0``);
 * cold cache (chunk files evicted with ``posix_fadvise(DONTNEED)``, checked with
   ``mincore``): ``ShardedDataset`` against a sequential ``O_DIRECT`` read of the
   same files (8 MiB reads into a page-aligned buffer);
@@ -46,6 +48,7 @@ from .common import GB, GiB, MiB, fmt, fmt_ratio, print_table, ratio_summary, su
 from shardset import bench as sbench
 from shardset.bench import consume
 from shardset.memory import direct_nbytes
+from torch.utils.data import DataLoader, IterableDataset
 
 MEMORY_BOUND_ARGUMENT = (
     "ShardedDataset's memory does not depend on the number of rows N: each consumer allocates 1 + prefetch "
@@ -128,6 +131,23 @@ class PlainShuffled:
             X, y = outs["X"], outs["y"]
             for s in range(0, n, bs):
                 yield X[s : s + bs], y[s : s + bs]
+
+
+class ReadyBatches(IterableDataset):
+    """Fresh ``(X, y)`` tensors of a batch's shape, ``batches`` of them split over the
+    DataLoader's workers, made with no reading at all: what moving batches out of
+    worker processes costs by itself (a diagnostic for the ``num_workers`` rows)."""
+
+    def __init__(self, batches: int, batch_size: int, features: int) -> None:
+        self.batches, self.shapes = batches, ((batch_size, features), (batch_size, 1))
+
+    def __iter__(self):
+        import torch
+
+        info = torch.utils.data.get_worker_info()
+        share = range(self.batches) if info is None else range(info.id, self.batches, info.num_workers)
+        for _ in share:
+            yield tuple(torch.empty(s) for s in self.shapes)
 
 
 # -- ShardedDataset runs --------------------------------------------------------------------------
@@ -390,8 +410,10 @@ WARM_CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("sd prefetch=2", {"shuffle": True, "prefetch": 2, "num_workers": 0, "budget": True}),
     ("sd num_workers=1", {"shuffle": True, "prefetch": 1, "num_workers": 1, "budget": True}),
     ("sd num_workers=2", {"shuffle": True, "prefetch": 1, "num_workers": 2, "budget": True}),
-    # diagnostic: what the shuffled epoch costs without the DataLoader
+    # diagnostics: what the shuffled epoch costs without the DataLoader, and what the
+    # DataLoader's workers cost with nothing to read
     ("diag: sd shuffle, no DataLoader", {"shuffle": True, "prefetch": 1, "num_workers": 0, "dataloader": False, "budget": True}),
+    ("diag: ready batches, num_workers=2 (no reads)", {"ready": True, "num_workers": 2, "budget": True}),
 ]
 
 
@@ -473,6 +495,10 @@ def main(argv=None) -> dict[str, Any]:
                 return r
             cfg = dict(cfg)
             budget = args.variant_seconds if cfg.pop("budget", False) and max_batches is None else None
+            if cfg.pop("ready", False):
+                ready = ReadyBatches(-(-rows // bs), bs, args.features)
+                return {**consume(DataLoader(ready, batch_size=None, num_workers=cfg["num_workers"]), max_batches, budget),
+                        "construct_s": 0.0}
             return sd_epoch(path, bs, max_batches=max_batches, max_seconds=budget, seed=seed, **cfg)
 
         # ---- warm, interleaved rounds ------------------------------------------------------------
