@@ -134,20 +134,24 @@ class PlainShuffled:
 
 
 class ReadyBatches(IterableDataset):
-    """Fresh ``(X, y)`` tensors of a batch's shape, ``batches`` of them split over the
-    DataLoader's workers, made with no reading at all: what moving batches out of
-    worker processes costs by itself (a diagnostic for the ``num_workers`` rows)."""
+    """Fresh ``(X, y)`` float32 tensors of a batch's shape, ``batches`` of them split over
+    the DataLoader's workers, made with no reading at all: what moving batches out of
+    worker processes costs by itself (a diagnostic for the ``num_workers`` rows).  X and
+    y view one storage, as ShardedDataset's batches do in a worker: each storage is a
+    shared-memory segment of its own on the way to the main process."""
 
     def __init__(self, batches: int, batch_size: int, features: int) -> None:
-        self.batches, self.shapes = batches, ((batch_size, features), (batch_size, 1))
+        self.batches, self.batch_size, self.features = batches, batch_size, features
 
     def __iter__(self):
         import torch
 
         info = torch.utils.data.get_worker_info()
         share = range(self.batches) if info is None else range(info.id, self.batches, info.num_workers)
+        n, d = self.batch_size, self.features
         for _ in share:
-            yield tuple(torch.empty(s) for s in self.shapes)
+            flat = torch.empty(n * (d + 1), dtype=torch.float32)
+            yield flat[: n * d].view(n, d), flat[n * d :].view(n, 1)
 
 
 # -- ShardedDataset runs --------------------------------------------------------------------------
