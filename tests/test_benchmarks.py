@@ -163,3 +163,17 @@ def test_script_end_to_end(script, results_in_tmp, tmp_path):
     assert isinstance(res, dict) and res
     assert (results_in_tmp / "results" / "smoke.json").exists()
     assert (results_in_tmp / "plots" / "smoke.png").exists()
+    if script == "bench_read":  # every warm contender ran, the worker diagnostic too
+        assert {k: v["rows"] > 0 for k, v in res["warm"].items()} == {k: True for k, _ in module.WARM_CONFIGS}
+
+
+def test_ready_batches_split_over_workers():
+    from torch.utils.data import DataLoader
+
+    from benchmarks.bench_read import ReadyBatches
+
+    batches = list(DataLoader(ReadyBatches(5, 8, 3), batch_size=None, num_workers=2))
+    assert len(batches) == 5
+    for X, y in batches:
+        assert X.shape == (8, 3) and y.shape == (8, 1)
+        assert X.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()  # one segment a batch
