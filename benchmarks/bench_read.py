@@ -43,12 +43,14 @@ import types
 from collections import defaultdict
 from typing import Any, Callable, Iterator
 
+import torch
+
 from . import common
 from .common import GB, GiB, MiB, fmt, fmt_ratio, print_table, ratio_summary, summarize
 from shardset import bench as sbench
 from shardset.bench import consume
 from shardset.memory import direct_nbytes
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 MEMORY_BOUND_ARGUMENT = (
     "ShardedDataset's memory does not depend on the number of rows N: each consumer allocates 1 + prefetch "
@@ -92,7 +94,6 @@ class PlainShuffled:
 
     def __init__(self, store, batch_size: int, seed: int = 0, timers: dict | None = None) -> None:
         import numpy as np
-        import torch
 
         self.np, self.torch = np, torch
         self.layout = store.layout
@@ -144,9 +145,7 @@ class ReadyBatches(IterableDataset):
         self.batches, self.batch_size, self.features = batches, batch_size, features
 
     def __iter__(self):
-        import torch
-
-        info = torch.utils.data.get_worker_info()
+        info = get_worker_info()
         share = range(self.batches) if info is None else range(info.id, self.batches, info.num_workers)
         n, d = self.batch_size, self.features
         for _ in share:
@@ -158,8 +157,6 @@ class ReadyBatches(IterableDataset):
 
 
 def sd_loader(path: str, batch_size: int, *, num_workers=0, **kw):
-    import torch
-
     from shardset import ShardedDataset
 
     t0 = time.perf_counter()
@@ -203,8 +200,6 @@ def instrument(timers: Timers, per_batch: bool) -> Iterator[None]:
     """Wrap the reader's per-block work (read_block, crc32c, block_order), the consumer's
     waits for the next block and, with ``per_batch``, the consumer's torch.index_select /
     torch.cat, in timers.  Patches only what exists (shardset's internals may change)."""
-    import torch
-
     import shardset.dataset as dsm
     import shardset.plan as plm
     import shardset.store as stm
@@ -424,8 +419,6 @@ WARM_CONFIGS: list[tuple[str, dict[str, Any]]] = [
 def order_costs(path: str, blocks: int = 3) -> dict[str, Any]:
     """Seconds to compute one block's row order, alone on an idle thread: shardset's
     ``EpochPlan.block_order`` against a plain ``torch.randperm`` (what the baseline uses)."""
-    import torch
-
     from shardset import BlockStore
     from shardset.plan import EpochPlan
 
@@ -450,8 +443,6 @@ def main(argv=None) -> dict[str, Any]:
     if (res := common.replot(args, plot)) is not None:
         return res
     common.exit_on_sigterm()
-    import torch
-
     from shardset import BlockStore, generate_regression
 
     started = time.perf_counter()
