@@ -605,7 +605,6 @@ def main(argv=None) -> dict[str, Any]:
         result = analyse(args, desc, setup, warm_runs, warm_load, profile_runs, cold_runs, naive, mem_runs, baseline, logical,
                          chunk_bytes, block_bytes, rows)
         common.finish(args, result, plot, started)
-        del torch
         return result
 
 
