@@ -261,10 +261,10 @@ class AsyncDirectReads:
 
     def _run(self) -> None:
         try:
-            while self._fill(wait=True, most=self._depth):
+            while self._start_queued(wait=True, most=self._depth):
                 if any(s is not None for s in self._slots):
                     for index, result in self._context.wait():
-                        self._fill(wait=False, most=self._depth + 1)  # read on before working on these bytes
+                        self._start_queued(wait=False, most=self._depth + 1)  # read on before working on these bytes
                         self._completed(index, result)
         except BaseException as exc:  # fail every generator rather than leave its future waiting
             with self._cond:
@@ -278,7 +278,7 @@ class AsyncDirectReads:
         finally:
             self._context.close()
 
-    def _fill(self, wait: bool, most: int) -> bool:
+    def _start_queued(self, wait: bool, most: int) -> bool:
         """Start queued generators on free slots, up to ``most`` running (first waiting, if
         ``wait``, for one to be submitted while none runs); False once shut down with
         nothing left."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import os
 import re
 import threading
 from pathlib import Path
@@ -30,6 +29,7 @@ from shardset import (
     ShardedDataset,
     StoreFormatError,
 )
+from shardset import bench
 from shardset.format import FieldSpec, Layout
 from shardset.plan import BLOCK_DOMAIN
 
@@ -71,10 +71,7 @@ def check_id_rows(batch) -> None:
 
 def evict(path) -> None:
     """Drop a store's chunks from the page cache: reads with ``direct=True`` then use O_DIRECT."""
-    for chunk in Path(path).rglob("c/*/*"):
-        fd = os.open(chunk, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+    bench.evict(Path(path).rglob("c/*/*"))
 
 
 def load(ds, num_workers: int, **kw) -> list:
