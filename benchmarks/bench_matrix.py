@@ -54,7 +54,6 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if (res := common.replot(args, plot)) is not None:
         return res
-    common.exit_on_sigterm()
     from shardset import generate_regression
     from shardset import bench as sbench
 
@@ -64,9 +63,7 @@ def main(argv=None) -> dict[str, Any]:
     modes = ("warm",) if args.no_cold else ("warm", "cold")
     runs = {m: {k: [] for k in CONFIGS} for m in modes}
     plain = {m: {bm: [] for bm in sorted({c["block_mb"] for c in CONFIGS.values()})} for m in modes}
-    with common.data_root(args.data_dir, "matrix-") as root:
-        desc = common.machine_description(root)
-        print(f"machine: {common.describe_machine_line(desc)}", flush=True)
+    with common.scratch_run(args, "matrix-") as (root, desc):
         stores: dict[int, tuple[str, list]] = {}
         for bm in plain["warm"]:
             rows = common.rows_for(args.gib, args.features, bm)

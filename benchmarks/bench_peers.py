@@ -310,7 +310,11 @@ def parse_args(argv=None):
     p.add_argument("--peers-python", default=str(PEERS_PYTHON), help="interpreter with mosaicml-streaming and litdata")
     p.add_argument("--only", default=None, help="comma-separated contenders to run (default: all)")
     p.add_argument("--no-cold", action="store_true")
-    return common.parse_args(p, argv, {"rows": (1 << 21, 1 << 15), "seconds": (8.0, 1.0), "wds_rows": (1 << 16, 1 << 13)})
+    args = common.parse_args(p, argv, {"rows": (1 << 21, 1 << 15), "seconds": (8.0, 1.0), "wds_rows": (1 << 16, 1 << 13)})
+    unknown = [n for n in (args.only or "").split(",") if n and n not in CONTENDERS]
+    if unknown or args.only == "":
+        p.error(f"--only takes contenders among {', '.join(repr(n) for n in CONTENDERS)}; got {args.only!r}")
+    return args
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -320,16 +324,13 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if (res := common.replot(args, plot)) is not None:
         return res
-    common.exit_on_sigterm()
     from shardset import BlockStore, generate_regression
     from shardset import bench as sbench
 
     started = time.perf_counter()
     avail = availability(args.peers_python)
     names = [n for n in CONTENDERS if args.only is None or n in args.only.split(",")]
-    with common.data_root(args.data_dir, "peers-") as root:
-        desc = common.machine_description(root)
-        print(f"machine: {common.describe_machine_line(desc)}")
+    with common.scratch_run(args, "peers-") as (root, desc):
         store = str(root / "store.zarr")
         generate_regression(store, rows=args.rows, features=args.features, block_mb=args.block_mb, overwrite=True, progress=False)
         bs = BlockStore.open(store)

@@ -442,14 +442,10 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if (res := common.replot(args, plot)) is not None:
         return res
-    common.exit_on_sigterm()
     from shardset import BlockStore, generate_regression
 
     started = time.perf_counter()
-    with common.data_root(args.data_dir, "read-") as root:
-        desc = common.machine_description(root)
-        print(f"machine: {common.describe_machine_line(desc)}")
-        print(f"scratch: {root}  (removed at the end)", flush=True)
+    with common.scratch_run(args, "read-") as (root, desc):
         rows = args.rows if args.rows is not None else common.rows_for(args.gib, args.features, args.block_mb)
         row_bytes = 4 * (args.features + 1)
         need = rows * row_bytes * 1.05 + GiB

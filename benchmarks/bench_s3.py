@@ -188,16 +188,13 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if (res := common.replot(args, plot)) is not None:
         return res
-    common.exit_on_sigterm()
     import shardset
     from shardset import BlockStore
     from shardset.s3server import local_s3_server, pin_server, pin_threads
     from shardset.urls import open_store
 
     started = time.perf_counter()
-    with common.data_root(args.data_dir, "s3-") as root, local_s3_server(BUCKET, log=root / "moto.log") as endpoint:
-        desc = common.machine_description(root)
-        print(f"machine: {common.describe_machine_line(desc)}")
+    with common.scratch_run(args, "s3-") as (root, desc), local_s3_server(BUCKET, log=root / "moto.log") as endpoint:
         os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=endpoint)  # ShardedDataset takes the endpoint from here
         url = f"s3://{BUCKET}/reg.zarr"
         block_rows = _rows(args.block_mib, args.features)

@@ -45,7 +45,6 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if (res := common.replot(args, plot)) is not None:
         return res
-    common.exit_on_sigterm()
     from shardset import generate_regression
     from shardset import bench as sbench
 
@@ -53,9 +52,7 @@ def main(argv=None) -> dict[str, Any]:
     sizes = [float(x) for x in args.sizes.split(",")]
     row_bytes = 4 * (args.features + 1)
     points: list[dict[str, Any]] = []
-    with common.data_root(args.data_dir, "scale-") as root:
-        desc = common.machine_description(root)
-        print(f"machine: {common.describe_machine_line(desc)}", flush=True)
+    with common.scratch_run(args, "scale-") as (root, desc):
         base = common.baseline_rss(3)
         for size in sizes:
             rows = int(size * GB) // row_bytes

@@ -174,9 +174,7 @@ def main(argv=None) -> dict[str, Any]:
     if res is not None:
         return res
     started = time.perf_counter()
-    with common.data_root(args.data_dir, "slices-") as root:
-        desc = common.machine_description(root)
-        print(f"machine: {common.describe_machine_line(desc)}", flush=True)
+    with common.scratch_run(args, "slices-") as (root, desc):
         with common.CpuLoad() as load:
             q = quality(args, root)
             t = throughput(args, root)

@@ -201,12 +201,10 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if (res := common.replot(args, plot)) is not None:
         return res
-    common.exit_on_sigterm()
     started = time.perf_counter()
     block_mb = 64 if args.quick else 128
-    with common.data_root(args.data_dir, "sparse-") as root:
-        desc = common.machine_description(root)
-        print(f"machine: {common.describe_machine_line(desc)}\n", flush=True)
+    with common.scratch_run(args, "sparse-") as (root, desc):
+        print()
         result: dict[str, Any] = {"args": vars(args), "machine": desc, "notes": NOTES}
 
         gen_keys = ["dense d=16", "sparse 1e5", "sparse 1e7"]

@@ -350,15 +350,11 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if (res := common.replot(args, plot)) is not None:
         return res
-    common.exit_on_sigterm()
     import torch
 
     started = time.perf_counter()
-    with common.data_root(args.data_dir, "write-") as root:
-        desc = common.machine_description(root)
-        print(f"machine: {common.describe_machine_line(desc)}")
-        print(f"scratch: {root}  (removed at the end)\n", flush=True)
-
+    with common.scratch_run(args, "write-") as (root, desc):
+        print()
         print("baseline: fresh interpreter importing numpy, torch, zarr, shardset ...", flush=True)
         baseline = common.baseline_rss(3)
         base_rss = baseline["rss_bytes"]["median"]

@@ -339,6 +339,19 @@ def data_root(parent: str | os.PathLike | None, prefix: str) -> Iterator[Path]:
                 parent.rmdir()
 
 
+@contextlib.contextmanager
+def scratch_run(args: argparse.Namespace, prefix: str) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A benchmark run's fresh scratch directory (:func:`data_root`, from ``--data-dir``)
+    and the description of the machine, both printed first; SIGTERM ends the run
+    through the directory's removal (:func:`exit_on_sigterm`)."""
+    exit_on_sigterm()
+    with data_root(args.data_dir, prefix) as root:
+        desc = machine_description(root)
+        print(f"machine: {describe_machine_line(desc)}")
+        print(f"scratch: {root}  (removed at the end)", flush=True)
+        yield root, desc
+
+
 def tree_files(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(root).rglob("*") if p.is_file())
 

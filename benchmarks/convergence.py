@@ -171,12 +171,9 @@ def configurations(stores: dict[str, str]) -> list[tuple[str, str, str, dict | N
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
-    common.exit_on_sigterm()
     started = time.perf_counter()
     torch.set_num_threads(1)
-    with common.data_root(args.data_dir, "convergence-") as root:
-        desc = common.machine_description(root)
-        print(f"machine: {common.describe_machine_line(desc)}", flush=True)
+    with common.scratch_run(args, "convergence-") as (root, desc):
         data = make_data(args.rows, args.features, args.noise)
         stores = write_stores(root, data, args.block_rows)
         steps = -(-args.rows // args.batch_size)

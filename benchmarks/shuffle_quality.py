@@ -372,11 +372,8 @@ def _io_bound(run: dict[str, Any], data: int, write_gb_per_s: float, mixed_gb_pe
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
-    common.exit_on_sigterm()
     started = time.perf_counter()
-    with common.data_root(args.data_dir, "shuffle-quality-") as root:
-        desc = common.machine_description(root)
-        print(f"machine: {common.describe_machine_line(desc)}", flush=True)
+    with common.scratch_run(args, "shuffle-quality-") as (root, desc):
         base = common.baseline_rss()
         with common.CpuLoad() as load:
             q = quality(args, root) if "quality" in args.only else None

@@ -120,17 +120,15 @@ def main(argv=None) -> dict[str, Any]:
         p.error("--warmup must be at least 1 and less than --epochs")
     if (res := common.replot(args, plot)) is not None:
         return res
-    common.exit_on_sigterm()
     started = time.perf_counter()
     runs = []
-    with common.data_root(args.data_dir, "soak-") as root:
+    with common.scratch_run(args, "soak-") as (root, machine):
         path = make_store(root, args.rows, args.blocks)
         for i in range(args.repeats):
             runs.append(soak(path, args.rows, args.epochs, args.batch_size, args.workers, args.warmup))
             print(f"soak {i + 1}: growth {runs[-1]['growth_pct']:+.3f}% after the warm-up "
                   f"({runs[-1]['growth_from_first_pct']:+.3f}% from epoch 1), exactly once in "
                   f"{sum(runs[-1]['exactly_once'])}/{args.epochs} epochs", flush=True)
-        machine = common.machine_description(root)
     growth = summarize([r["growth_pct"] for r in runs])
     from_first = summarize([r["growth_from_first_pct"] for r in runs])
     slope = summarize([r["slope_bytes_per_epoch"] / 2**10 for r in runs])

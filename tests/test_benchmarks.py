@@ -85,6 +85,17 @@ def test_memmap_rows_are_the_store_rows(tiny_store):
     assert X.tolist() == store.read_block("X", 2)[1001].tolist() and y.tolist() == store.read_block("y", 2)[1001].tolist()
 
 
+@pytest.mark.parametrize("only", ["shardset", "", "tensordataset,nope"])
+def test_peers_only_names_a_contender(only, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_peers.parse_args(["--only", only])
+    assert exc.value.code == 2 and "--only takes contenders among 'shardset block-shuffled'" in capsys.readouterr().err
+
+
+def test_peers_only_keeps_the_named_contenders():
+    assert bench_peers.parse_args(["--only", "tensordataset,litdata"]).only == "tensordataset,litdata"
+
+
 @pytest.mark.parametrize("kind", [k for k, (env, _) in bench_peers.CONTENDERS.items() if env == "main"])
 def test_peer_contender_in_this_environment(kind, tiny_store, tmp_path):
     what = bench_peers.CONTENDERS[kind][1]
