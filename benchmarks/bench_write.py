@@ -350,8 +350,6 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if (res := common.replot(args, plot)) is not None:
         return res
-    import torch
-
     started = time.perf_counter()
     with common.scratch_run(args, "write-") as (root, desc):
         print()
@@ -460,7 +458,6 @@ def main(argv=None) -> dict[str, Any]:
         print(f"other programs on this machine used {fmt(ol)} cores (median [min-max] over the measured rounds) "
               f"of {desc['cpu_affinity_cores']}; see other_load_cores in the JSON")
         common.finish(args, result, plot, started)
-        del torch
         return result
 
 
