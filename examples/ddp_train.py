@@ -6,7 +6,9 @@ or on this machine alone with ``--nproc N`` (forked ranks, no launcher):
     shardset generate data/reg.zarr --rows 1000000 --features 16
     torchrun --standalone --nproc_per_node 2 examples/ddp_train.py data/reg.zarr --epochs 2
     python examples/ddp_train.py data/reg.zarr --nproc 2
-    # K machines: torchrun --nnodes K --nproc_per_node 8 --rdzv_endpoint HOST:29400 examples/ddp_train.py s3://bucket/reg.zarr
+    # K machines, the same command on each (c10d rendezvous; torchrun's default static
+    # rendezvous would make every machine node rank 0):
+    torchrun --nnodes K --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400 --rdzv_id JOB examples/ddp_train.py s3://bucket/reg.zarr
 
 Every rank builds the same ``ShardedDataset``; its rank and world size come from
 the process group, so each epoch's rows are split exactly once across ranks and
