@@ -48,6 +48,11 @@ MIB = 1 << 20
 # Checksummed slices per block: fine enough that a 4 MiB read of a 128 MiB block
 # wastes little on slice edges, coarse enough that the table is 4 KiB a field.
 SLICES_PER_BLOCK = 1024
+SLICE_TABLE = "slice_checksums"  # (block, field, slice) -> crc32c of the slice's bytes in the chunk
+RESERVED_NAMES = frozenset({SLICE_TABLE, "params", "zarr.json"})  # the store's own nodes beside the fields
+# Bookkeeping grows with the block count (complete-block records, visit orders): 2**24
+# blocks is 2 PiB in 128 MiB blocks.
+MAX_BLOCKS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -66,12 +71,20 @@ class FieldSpec:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "FieldSpec":
-        return cls(str(d["dtype"]), tuple(int(s) for s in d["shape"]))
+        return cls(_number_dtype(np.dtype(str(d["dtype"]))).name, tuple(int(s) for s in d["shape"]))
 
     @classmethod
     def of(cls, array: np.ndarray) -> "FieldSpec":
         """The spec of a batch or whole array whose first axis is rows."""
-        return cls(np.dtype(array.dtype).name, tuple(int(s) for s in array.shape[1:]))
+        return cls(_number_dtype(np.dtype(array.dtype)).name, tuple(int(s) for s in array.shape[1:]))
+
+
+def _number_dtype(dtype: np.dtype) -> np.dtype:
+    """``dtype`` if a field may have it: booleans and numbers (stored little-endian)."""
+    if dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
+        raise ArgumentError(f"a field's dtype must be a boolean or numeric type (bool, int, uint, float, complex), "
+                            f"got {dtype}")
+    return dtype
 
 
 def check_int(name: str, value: object, minimum: int = 1) -> int:
@@ -204,7 +217,8 @@ class Layout:
                 generator=dict(meta.get("generator") or {}),
                 slice_rows=None if meta.get("slice_rows") is None else int(meta["slice_rows"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+            [(int(start), int(stop)) for start, stop in meta.get("complete_blocks") or []]  # noqa: B018 (checked only)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise StoreFormatError(f"{where} has malformed shardset attributes: {exc}") from None
         if int(meta.get("num_blocks", lay.num_blocks)) != lay.num_blocks:
             raise StoreFormatError(f"{where}: num_blocks does not match rows and block_rows")

@@ -195,12 +195,22 @@ class WriterLock(_Held):
         self.owner = None
 
     def owners(self) -> list[Owner]:
-        """Everyone registered now (stale owners included)."""
-        with self.mutex() as fd:
-            owners = _read(fd)
-            if not owners and self.owner is None:
-                os.unlink(self.path)  # opening created it (or it was left empty): leave nothing behind
-            return owners
+        """Everyone registered now (stale owners included).  Someone who holds no part
+        only reads the file, so a reader who may not write beside the store can ask."""
+        if self.owner is not None:
+            with self.mutex() as fd:
+                return _read(fd)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._os_error(exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # not in the middle of an owner's update
+            return _read(fd)
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def mutex(self) -> Iterator[int]:
@@ -232,6 +242,8 @@ class WriterLock(_Held):
 
     def _os_error(self, exc: OSError) -> Exception:
         verb = "write to" if os.path.exists(self.local) else "create a store at"
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):  # a file where a folder of the path should be
+            return StoreFormatError(f"cannot {verb} {self.store}: Not a directory ({exc.filename} is in the way)")
         cls = StoreAccessError if isinstance(exc, PermissionError) else StoreFormatError
         return cls(f"cannot {verb} {self.store}: {exc.strerror or exc} ({self.path})")
 

@@ -278,7 +278,7 @@ def shuffle_store(
         return _segment_shuffled(source, dst, out, seed=seed, segments=segments, workers=workers,
                                  compression=compression, checksum=checksum, overwrite=overwrite, progress=progress,
                                  storage_options=_options_for(dst, storage_options))
-    parts = _resolve_workers(workers, lay.num_blocks)
+    parts = _resolve_workers(workers, lay.num_blocks, src)
 
     def scatter(buckets: "_Buckets", seed: int, show: bool) -> None:
         if parts == 1:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import json
 import os
 import shutil
 import uuid
@@ -56,7 +57,7 @@ from .errors import (
     StoreFormatError,
     StoreNotFoundError,
 )
-from .format import ATTRS_KEY, FieldSpec, Layout, ranges_to_blocks, slice_rows_for
+from .format import ATTRS_KEY, SLICE_TABLE, FieldSpec, Layout, ranges_to_blocks, slice_rows_for
 from .memory import DIRECT_ALIGN, aligned_buffer, direct_nbytes, is_aligned
 from .urls import open_store, parse_url, remote_errors, store_exists
 
@@ -64,7 +65,6 @@ __all__ = ["BlockStore", "COMPRESSIONS", "compressors_for"]
 
 COMPRESSIONS = ("lz4", "zstd")
 CRC_BYTES = 4
-SLICE_TABLE = "slice_checksums"  # (block, field, slice) -> crc32c of the slice's bytes in the chunk
 TABLE_CACHE_BLOCKS = 4096  # slice tables kept in memory (4 KiB a field each at 1024 slices)
 # Object stores: a streamed GET hands over the body in pieces of at least this many bytes
 # (obstore joins its network reads, 240 KiB on average against moto, until they reach
@@ -162,10 +162,15 @@ class BlockStore:
             raise kind(f"{where} is not a shardset store (no Zarr group there)") from None
         except zarr.errors.ContainsArrayError:
             raise StoreFormatError(f"{where} is a Zarr array, not a shardset store (a group)") from None
-        with remote_errors(where, "opening"):  # the arrays' metadata is read here
-            if ATTRS_KEY in group.attrs:
-                return cls(group, Layout.from_attrs(group.attrs, where), where, storage_options=storage_options)
-            return cls(group, _infer_layout(group, where), where, foreign=True, storage_options=storage_options)
+        except json.JSONDecodeError as exc:
+            raise StoreFormatError(f"{where} has a damaged zarr.json (not JSON: {exc})") from None
+        try:
+            with remote_errors(where, "opening"):  # the arrays' metadata is read here
+                if ATTRS_KEY in group.attrs:
+                    return cls(group, Layout.from_attrs(group.attrs, where), where, storage_options=storage_options)
+                return cls(group, _infer_layout(group, where), where, foreign=True, storage_options=storage_options)
+        except json.JSONDecodeError as exc:
+            raise StoreFormatError(f"{where} has an array with a damaged zarr.json (not JSON: {exc})") from None
 
     @classmethod
     def create(
@@ -185,8 +190,8 @@ class BlockStore:
         # cannot be read in parts anyway.
         layout.slice_rows = slice_rows_for(layout.block_rows) if checksum and compression is None else None
         local = parse_url(path).local_path
-        if local is not None and os.path.exists(local) and not os.path.isdir(local):
-            raise StoreFormatError(f"{where} is a file, not a store; remove it or choose another path")
+        if local is not None:
+            _check_target(local, where, overwrite)
         if overwrite and local is not None and os.path.isdir(local):
             shutil.rmtree(local)  # zarr's mode "w" empties an object-store prefix itself
         target = open_store(path, storage_options)
@@ -752,6 +757,29 @@ def _fetch_ranges(store: Any, key: str, buffer: np.ndarray, want: int, part: int
     if size != want:
         return [size]
     raise errors[0]
+
+
+def _check_target(local: str, where: str, overwrite: bool) -> None:
+    """Refuse to create a store over a file, inside another shardset store, or, with
+    ``overwrite``, over a directory that is not a Zarr store (whose files it would delete)."""
+    if os.path.exists(local) and not os.path.isdir(local):
+        raise StoreFormatError(f"{where} is a file, not a store; remove it or choose another path")
+    for parent in Path(os.path.realpath(local)).parents:
+        if _is_shardset_dir(parent):
+            raise StoreFormatError(f"{where} is inside the shardset store {parent}; choose a path outside it")
+    if overwrite and os.path.isdir(local) and not os.path.isfile(os.path.join(local, "zarr.json")) and any(
+            os.scandir(local)):
+        raise StoreFormatError(f"{where} is a directory that is not a Zarr store; overwrite replaces a store only, "
+                               "so remove the directory yourself or choose another path")
+
+
+def _is_shardset_dir(path: Path) -> bool:
+    """Whether ``path`` holds a shardset store's group metadata."""
+    try:
+        meta = json.loads((path / "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("attributes"), dict) and ATTRS_KEY in meta["attributes"]
 
 
 def _infer_layout(group: zarr.Group, where: str) -> Layout:

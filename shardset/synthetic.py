@@ -173,7 +173,12 @@ def true_parameters(store: BlockStore) -> tuple[np.ndarray, float] | None:
     gen = store.layout.generator
     if gen.get("name") != GENERATOR_NAME:
         return None
-    return np.asarray(store.group[gen["weights"]][:]), float(gen["bias"])
+    try:
+        w = np.asarray(store.group[gen["weights"]][:])
+    except Exception as exc:  # missing, or a chunk that no longer decodes: zarr raises many kinds
+        raise StoreFormatError(f"{store.where}: its weights {gen['weights']} cannot be read "
+                               f"({type(exc).__name__}: {exc})") from None
+    return w, float(gen["bias"])
 
 
 def regression_blocks(store: BlockStore) -> RegressionBlocks:

@@ -178,7 +178,7 @@ def _check(store: BlockStore, blocks: list[int], deep: bool, workers, progress, 
 
 @contextlib.contextmanager
 def _checkers(store: BlockStore, blocks: list[int], deep: bool, workers, storage_options) -> Iterator[Iterator]:
-    workers = _resolve_workers(workers, len(blocks))
+    workers = _resolve_workers(workers, len(blocks), store.where)
     if workers <= 1:
         check = _BlockChecker(store, deep)
         yield map(check, blocks)

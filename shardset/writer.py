@@ -35,7 +35,8 @@ import zarr
 from tqdm import tqdm
 
 from .errors import ArgumentError, ShardsetError, StoreFormatError, StoreIOError
-from .format import ATTRS_KEY, DEFAULT_BLOCK_MB, MIB, FieldSpec, Layout, block_rows_for, check_int
+from .format import (ATTRS_KEY, DEFAULT_BLOCK_MB, MAX_BLOCKS, MIB, RESERVED_NAMES, FieldSpec, Layout,
+                     block_rows_for, check_int)
 from .lock import check_part, locked, metadata_mutex, sole_writer
 from .store import BlockStore, compressors_for
 from .urls import open_store, parse_url, remote_error, store_exists
@@ -63,6 +64,14 @@ def layout_for(
     if rows * row_bytes >= 1 << 63:
         raise ArgumentError(f"{rows:,} rows of {row_bytes:,} bytes exceed the 8 EiB (2**63 bytes) a store can hold")
     block_rows = by_size if block_rows is None else check_int("block_rows", block_rows)
+    if -(-rows // block_rows) > MAX_BLOCKS:
+        raise ArgumentError(f"{rows:,} rows in blocks of {block_rows:,} make {-(-rows // block_rows):,} blocks, more than "
+                            f"the {MAX_BLOCKS:,} a store may have; use larger blocks")
+    taken = sorted(set(fields) & RESERVED_NAMES)
+    bad = [k for k in fields if not k or "/" in k or k.startswith(".")]
+    if taken or bad:
+        raise ArgumentError(f"field names {taken + bad} are not allowed: a name is not empty, has no '/', does not "
+                            f"start with '.', and is not one of the store's own ({', '.join(sorted(RESERVED_NAMES))})")
     return Layout(rows, min(block_rows, rows), dict(fields), dict(generator or {}))
 
 
@@ -163,7 +172,10 @@ def write(
         lens = {len(a) for a in arrays.values()}
         if len(lens) != 1:
             raise ArgumentError(f"arrays must share their first dimension, got lengths {sorted(lens)}")
-        rows = lens.pop() if rows is None else rows
+        length = lens.pop()
+        if rows is not None and rows != length:
+            raise ArgumentError(f"rows={rows}, but the arrays hold {length} rows")
+        rows = length
         specs = {k: FieldSpec.of(np.asarray(a[:1])) for k, a in arrays.items()}
         layout = layout_for(rows, specs, block_mb=block_mb, block_rows=block_rows)
 
@@ -265,7 +277,7 @@ def write_some_blocks(
     The caller holds the writer lock (:func:`shardset.lock.writer_lock`); this is
     the loop behind :func:`write_blocks` and ``shardset verify --repair``.
     """
-    workers = _resolve_workers(workers, len(blocks)) if parse_url(store.where).shared else 1  # memory:// is per process
+    workers = _resolve_workers(workers, len(blocks), store.where)
     if workers <= 1:
         _run(store, _produce(make_block, store.layout, blocks), len(blocks), progress)
     else:
@@ -536,10 +548,15 @@ def process_context(store: BlockStore) -> mp.context.BaseContext:
     return mp.get_context("fork" if fork else "spawn")
 
 
-def _resolve_workers(workers: int | None, nblocks: int) -> int:
+def _resolve_workers(workers: int | None, nblocks: int, where: str | os.PathLike | None = None) -> int:
+    """Processes for ``nblocks`` blocks (default: the cores); one for a ``memory://``
+    store at ``where``, whose data only this process sees."""
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(check_int("workers", workers), nblocks))
+    workers = check_int("workers", workers)  # checked even where one process will do
+    if where is not None and not parse_url(where).shared:
+        return 1
+    return max(1, min(workers, nblocks))
 
 
 # -- rebatching a stream of batches into blocks ----------------------------------
@@ -566,6 +583,9 @@ def _rebatch(layout: Layout, batches: Iterable[Mapping[str, np.ndarray]]) -> Ite
             spec = layout.fields[name]
             if tuple(v.shape[1:]) != spec.shape:
                 raise ArgumentError(f"batch {i}: field '{name}' rows have shape {tuple(v.shape[1:])}, expected {spec.shape}")
+            if not np.can_cast(v.dtype, spec.dtype, casting="same_kind"):
+                raise ArgumentError(f"batch {i}: field '{name}' is {v.dtype}, which the store's {spec.dtype} (set by "
+                                    "the first batch) cannot hold; cast the batches to one dtype")
         while pos < n:
             if block >= layout.num_blocks:
                 raise ArgumentError(f"batches hold more than the declared {layout.rows} rows")
@@ -577,11 +597,15 @@ def _rebatch(layout: Layout, batches: Iterable[Mapping[str, np.ndarray]]) -> Ite
                 buf[name][fill : fill + take] = v[pos : pos + take]
             fill, pos = fill + take, pos + take
             if fill == want:
-                yield block, buf
+                if block + 1 < layout.num_blocks:
+                    yield block, buf
+                else:  # handed over once the input has shown it holds no more rows
+                    last = buf
                 block, fill, buf = block + 1, 0, None
     if block != layout.num_blocks:
         got = block * layout.block_rows + fill
         raise ArgumentError(f"batches hold {got} rows, fewer than the declared {layout.rows}")
+    yield block - 1, last
 
 
 def _describe(layout: Layout) -> str:

@@ -56,6 +56,9 @@ class Env:
     v2: str = ""
     ro: str = ""
     secret: str = ""
+    folder: str = ""
+    damaged: str = ""
+    noweights: str = ""
 
     def new(self) -> str:
         return tempfile.mkdtemp(dir=self.root) + "/s.zarr"
@@ -127,6 +130,18 @@ ROWS = [
         _with(G, block_mb="nan"), "--block-mb"),
     Row("block-rows-zero", lambda e: gen(e, block_rows=0), ValueError, "block_rows must be a positive integer",
         _with(G, block_rows="0"), "--block-rows"),
+    Row("too-many-blocks", lambda e: gen(e, rows=2**25, block_rows=1), ValueError,
+        "33,554,432 blocks, more than the 16,777,216 a store may have", _with(G, rows=str(2**25), block_rows="1"),
+        "use larger blocks"),
+    Row("field-name-reserved", lambda e: shardset.write(e.new(), {"slice_checksums": np.zeros(4, np.float32)}),
+        ValueError, r"field names \['slice_checksums'\] are not allowed"),
+    Row("field-dtype-not-numeric", lambda e: shardset.write(e.new(), {"s": np.array(["ab"] * 4)}), ValueError,
+        "dtype must be a boolean or numeric type"),
+    Row("rows-not-the-arrays-length", lambda e: shardset.write(e.new(), {"x": np.zeros(10, np.float32)}, rows=5),
+        ValueError, "rows=5, but the arrays hold 10 rows"),
+    Row("batch-dtype-changes",
+        lambda e: shardset.write(e.new(), iter([{"x": np.zeros(2, np.int64)}, {"x": np.full(2, 0.5)}]), rows=4),
+        ValueError, "field 'x' is float64, which the store's int64"),
     Row("batch-size-zero", lambda e: ds(e, batch_size=0), ValueError, "batch_size must be a positive integer",
         ["read", "{store}", "--batch-size", "0"], "--batch-size"),
     Row("batch-size-negative", lambda e: ds(e, batch_size=-8), ValueError, "batch_size must be a positive integer",
@@ -164,8 +179,16 @@ ROWS = [
         _with(G)[:1] + ["{file}"] + G[2:], "not a shardset store"),
     Row("overwrite-a-file", lambda e: gen(e, e.file, overwrite=True), StoreFormatError, "is a file, not a store",
         ["generate", "{file}", *G[2:], "--overwrite"], "is a file"),
-    Row("parent-is-a-file", lambda e: gen(e, e.file + "/s.zarr"), StoreFormatError, "cannot create a store",
-        ["generate", "{file}/s.zarr", *G[2:]], "cannot create"),
+    Row("parent-is-a-file", lambda e: gen(e, e.file + "/s.zarr"), StoreFormatError,
+        "cannot create a store at .*: Not a directory", ["generate", "{file}/s.zarr", *G[2:]], "Not a directory"),
+    Row("overwrite-a-folder", lambda e: gen(e, e.folder, overwrite=True), StoreFormatError,
+        "is a directory that is not a Zarr store", ["generate", "{folder}", *G[2:], "--overwrite"], "not a Zarr store"),
+    Row("store-inside-a-store", lambda e: gen(e, e.store + "/inner.zarr"), StoreFormatError,
+        "is inside the shardset store", ["generate", "{store}/inner.zarr", *G[2:]], "inside the shardset store"),
+    Row("damaged-metadata", lambda e: ds(e, e.damaged), StoreFormatError, "has a damaged zarr.json",
+        ["info", "{damaged}"], "damaged zarr.json"),
+    Row("weights-unreadable", lambda e: verify(e.noweights, deep=True, workers=1), StoreFormatError,
+        "its weights params/w cannot be read", ["verify", "{noweights}", "--deep"], "cannot be read"),
     Row("directory-not-writable", lambda e: gen(e, e.ro + "/s.zarr"), StoreAccessError, "Permission denied",
         ["generate", "{ro}/s.zarr", *G[2:]], "Permission denied", unprivileged=True),
     Row("store-not-readable", lambda e: ds(e, e.secret), StoreAccessError, "cannot read .*Permission denied",
@@ -238,6 +261,16 @@ def env() -> Env:
     e.secret = str(root / "secret.zarr")
     gen(e, e.secret)
     os.chmod(e.secret, 0o700)
+    e.folder = str(root / "folder")
+    os.mkdir(e.folder)
+    Path(e.folder, "notes.txt").write_text("not part of any store")
+    e.damaged = str(root / "damaged.zarr")
+    shutil.copytree(e.store, e.damaged)
+    meta = Path(e.damaged, "zarr.json")
+    meta.write_bytes(meta.read_bytes()[:100])  # cut short
+    e.noweights = str(root / "noweights.zarr")
+    shutil.copytree(e.store, e.noweights)
+    shutil.rmtree(Path(e.noweights, "params", "w"))
     yield e
     shutil.rmtree(root, ignore_errors=True)
 
@@ -297,6 +330,15 @@ def test_cli(env, row):
     rc, lines = _unprivileged(lambda: _cli(argv))[1] if row.unprivileged else _cli(argv)
     assert rc == 2 and len(lines) == 1, lines
     assert row.needle in lines[0] and "Traceback" not in lines[0], lines
+
+
+def test_verify_needs_no_write_access_beside_the_store(env):
+    lock = Path(env.store + ".lock")
+    lock.write_text("")  # a lock file a writer left behind, which only root may write
+    try:
+        assert _unprivileged(lambda: verify(env.store, workers=1).ok) == ("ok", True)
+    finally:
+        lock.unlink()
 
 
 def test_docs_list_every_row():

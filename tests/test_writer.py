@@ -54,10 +54,15 @@ def test_too_few_rows_leave_the_store_incomplete(tmp_path):
         store.require_complete()
 
 
-def test_too_many_rows_are_refused(tmp_path):
-    batches = ({"x": np.zeros((10, 2), np.float32)} for _ in range(3))
+@pytest.mark.parametrize("extra", [(10, 10, 10), (10, 10, 5, 1), (25, 1)])
+def test_too_many_rows_are_refused_and_leave_the_store_incomplete(tmp_path, extra):
+    batches = ({"x": np.zeros((n, 2), np.float32)} for n in extra)
     with pytest.raises(ValueError, match="more than the declared 25"):
         shardset.write(tmp_path / "s", batches, rows=25, block_rows=10)
+    store = BlockStore.open(tmp_path / "s")
+    assert store.missing_blocks() == [2]  # the last block waits for the end of the input
+    with pytest.raises(IncompleteStoreError):
+        shardset.ShardedDataset(tmp_path / "s", 5)
 
 
 @pytest.mark.parametrize(
@@ -231,3 +236,16 @@ def test_torn_true_weights_are_rewritten_on_rerun(tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:7])  # as a kill while params/w was written leaves it
     shardset.generate_regression(path, rows=1000, features=5, block_rows=300, workers=1, progress=False)
     np.testing.assert_array_equal(shardset.true_parameters(shardset.BlockStore.open(path))[0], want)
+
+
+def test_overwrite_deletes_only_a_store_and_never_one_around_or_inside_the_source(tmp_path):
+    src = tmp_path / "data" / "src.zarr"
+    shardset.generate_regression(src, rows=100, features=2, block_rows=10, workers=1, progress=False)
+    with pytest.raises(StoreFormatError, match="not a Zarr store"):  # the folder that holds the source
+        shardset.shuffle_store(src, tmp_path / "data", overwrite=True, progress=False)
+    with pytest.raises(StoreFormatError, match="inside the shardset store"):  # one of the source's own arrays
+        shardset.shuffle_store(src, src / "X", overwrite=True, progress=False)
+    assert shardset.verify(src, workers=1).ok
+    shardset.shuffle_store(src, tmp_path / "out.zarr", progress=False)
+    shardset.shuffle_store(src, tmp_path / "out.zarr", overwrite=True, seed=1, progress=False)  # a store: replaced
+    assert BlockStore.open(tmp_path / "out.zarr").layout.rows == 100
