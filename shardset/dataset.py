@@ -42,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .direct_io import AsyncDirectReads, Steps, ThreadedSteps, run_steps
 from .errors import ArgumentError, CorruptBlockError
-from .format import MIB, check_int
+from .format import MIB, check_int, check_positive
 from .memory import DIRECT_ALIGN, aligned_buffer, direct_nbytes
 from .plan import EpochPlan, Piece, undelivered
 from .store import CRC_BYTES, BlockStore
@@ -131,6 +131,8 @@ class ShardedDataset(IterableDataset):
         if not allow_incomplete:
             store.require_complete()
         self.layout = store.layout
+        if isinstance(fields, str):
+            raise ArgumentError(f"fields must be a list of field names, got the string {fields!r}")
         self.fields = list(self.layout.fields) if fields is None else list(fields)
         unknown = [f for f in self.fields if f not in self.layout.fields]
         if unknown or not self.fields:
@@ -139,7 +141,7 @@ class ShardedDataset(IterableDataset):
         self.blocks: tuple[int, ...] | None = None  # the plan's units to stream (None: all)
         if allow_incomplete and store.missing_blocks():
             self.blocks = self._units_of(store.complete_blocks())
-        self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), int(seed)
+        self.batch_size, self.shuffle, self.seed = batch_size, bool(shuffle), check_int("seed", seed, 0)
         self.drop_last, self.on_error = bool(drop_last), on_error
         per_block = self.layout.block_rows / (self.unit_rows or self.layout.block_rows)
         self.prefetch = max(prefetch, round(prefetch * per_block))  # in the plan's units
@@ -152,6 +154,8 @@ class ShardedDataset(IterableDataset):
         if rows < self.world_size:
             raise ArgumentError(f"{rows} rows cannot be split across {self.world_size} ranks")
         self.as_tuple = sorted(self.fields) == ["X", "y"]
+        if self.as_tuple:  # (X, y) whatever the store's or the caller's order
+            self.fields = ["X", "y"]
         # [epoch, consumers finished with it]; shared so DataLoader workers (persistent
         # or not) and the main process agree on the epoch.
         self._shared = mp.RawArray("q", 2)
@@ -161,6 +165,8 @@ class ShardedDataset(IterableDataset):
         self._store_pid = os.getpid()
         self._position: tuple[int, int] | None = None  # (epoch, batches handed out) of this consumer
         self._resume_at = 0  # batches to skip at the start of the next pass
+        self._resume_for = (0, 1)  # the (DataLoader worker, workers) whose pass _resume_at continues
+        self._pass_end: tuple[int, int] | None = None  # _position once the current pass has handed out everything
         self._consumer = (0, 1)  # (DataLoader worker, workers) of the last pass
         self._remaining: tuple[int, tuple[tuple[int, int], ...]] | None = None  # (epoch, intervals) left
         self._in_worker = False
@@ -172,17 +178,26 @@ class ShardedDataset(IterableDataset):
         return int(self._shared[0])
 
     def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch`` for the next pass (as ``DistributedSampler.set_epoch``)."""
+        """Use ``epoch`` for the next pass (as ``DistributedSampler.set_epoch``).  The
+        epoch that :meth:`load_state_dict` continues keeps its place: a training loop
+        that calls ``set_epoch`` at the top of every epoch resumes where it stopped."""
+        epoch = check_int("epoch", epoch, 0)
+        if epoch >= 2**63:
+            raise ArgumentError(f"epoch must be below 2**63, got {epoch}")
+        if epoch == self.epoch and self._position is None and (self._resume_at or self._remaining is not None):
+            return
+        self._start_epoch(epoch)
+
+    def _start_epoch(self, epoch: int) -> None:
         with self._lock:
-            self._shared[0], self._shared[1] = int(epoch), 0
+            self._shared[0], self._shared[1] = epoch, 0
         self._position, self._resume_at, self._remaining = None, 0, None
 
     def _unit_rows(self, store: BlockStore, slice_mb: float | None) -> int | None:
         """Rows of the plan's unit: ``None`` for whole blocks, else whole slices."""
         if slice_mb is None:
             return None
-        if not slice_mb > 0:
-            raise ArgumentError(f"slice_mb must be positive, got {slice_mb}")
+        check_positive("slice_mb", slice_mb)
         store.require_slices()
         sr = self.layout.slice_rows
         unit = max(1, round(slice_mb * MIB / (sr * self._row_bytes))) * sr
@@ -208,8 +223,7 @@ class ShardedDataset(IterableDataset):
             raise ArgumentError("give window_blocks or window_mb, not both")
         if mb is None:
             return 1 if blocks is None else max(1, round(check_int("window_blocks", blocks) * per_block))
-        if not mb > 0:
-            raise ArgumentError(f"window_mb must be positive, got {mb}")
+        check_positive("window_mb", mb)
         return max(1, int(mb * MIB) // ((self.unit_rows or self.layout.block_rows) * self._row_bytes))
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
@@ -242,8 +256,8 @@ class ShardedDataset(IterableDataset):
     def load_state_dict(self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
         """Continue an epoch: the next pass yields exactly what was not delivered yet.
 
-        ``state`` is this consumer's own :meth:`state_dict` (same ranks and batch
-        size), or the list of the states of *every* consumer of the interrupted run
+        ``state`` is this consumer's own :meth:`state_dict` (same ranks, batch size
+        and DataLoader worker), or the list of the states of *every* consumer of the interrupted run
         (each rank, or each DataLoader worker of each rank; see
         :meth:`global_state_dict`): then any world size, rank and batch size may
         continue it, and the ranks split the undelivered rows between them.
@@ -255,8 +269,9 @@ class ShardedDataset(IterableDataset):
                 raise ArgumentError(f"not a ShardedDataset state: it lacks {', '.join(lacking)}")
         if isinstance(state, Mapping):
             self._check(state, {**self._stream_settings(), **self._consumer_settings()})
-            self.set_epoch(int(state["epoch"]))
+            self._start_epoch(check_int("epoch", state["epoch"], 0))
             self._resume_at = int(state["batches"])
+            self._resume_for = (int(state.get("worker", 0)), int(state.get("workers", 1)))
             if state.get("remaining") is not None:
                 self._remaining = (int(state["epoch"]), tuple(tuple(i) for i in state["remaining"]))
             return
@@ -273,7 +288,7 @@ class ShardedDataset(IterableDataset):
         plans = [(self._plan_for(epoch, int(s["rank"]), world, int(s["batch_size"]), bool(s["drop_last"]),
                                  None if s.get("remaining") is None else tuple(map(tuple, s["remaining"]))),
                   int(s.get("worker", 0)), workers, int(s["batches"])) for s in states]
-        self.set_epoch(epoch)
+        self._start_epoch(epoch)
         self._remaining = (epoch, undelivered(plans))
 
     def global_state_dict(self) -> list[dict[str, Any]]:
@@ -315,10 +330,20 @@ class ShardedDataset(IterableDataset):
         self._in_worker = info is not None
         if info is not None:
             _quiet_worker()
+        if self._position is not None and self._position == self._pass_end:
+            # The last pass handed out all its batches but was never run to its end
+            # (``islice(ds, len(ds))``): its epoch is over all the same.
+            self._finish_epoch(self._position[0], self._consumer[1])
         plan = self.plan()
         self._consumer = (worker, num_workers)
         first, last = plan.worker_batches(worker, num_workers)
+        self._pass_end = (plan.epoch, last - first)
         skip, self._resume_at = self._resume_at, 0
+        if skip and (worker, num_workers) != self._resume_for:
+            w, n = self._resume_for
+            raise ArgumentError(f"this state continues DataLoader worker {w} of {n}, not worker {worker} of "
+                                f"{num_workers}: continue with num_workers={0 if n == 1 else n} (each worker with "
+                                "its own state), or load the states of every consumer (global_state_dict)")
         self._position = (plan.epoch, skip)
         first = min(first + skip, last)
         return self._batches(plan, first, last, num_workers)
@@ -713,10 +738,16 @@ def _gather(block: np.ndarray, rows: np.ndarray) -> torch.Tensor:
 
 
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    distributed = dist.is_available() and dist.is_initialized()
     if world_size is None:
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world_size = dist.get_world_size() if distributed else 1
     if rank is None:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if not distributed and world_size != 1:
+            raise ArgumentError(f"world_size={world_size} needs rank= as well (or an initialized torch.distributed)")
+        rank = dist.get_rank() if distributed else 0
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise ArgumentError(f"{name} must be an integer, got {value!r}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ArgumentError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return int(rank), int(world_size)

@@ -95,6 +95,14 @@ def check_int(name: str, value: object, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_positive(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite number > 0 (not a bool), else ArgumentError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+            math.isfinite(value) and value > 0):
+        raise ArgumentError(f"{name} must be positive (a finite number), got {value!r}")
+    return float(value)
+
+
 def block_rows_for(fields: Mapping[str, FieldSpec], block_mb: float = DEFAULT_BLOCK_MB) -> int:
     """Rows per block so that one block of all fields together is about ``block_mb`` MiB.
 

@@ -280,7 +280,7 @@ class EpochPlan:
         positions ``firsts[j] ..`` of the order of the block visited ``visits[j]``-th."""
         for j, (k, first) in enumerate(zip(visits.tolist(), firsts.tolist())):
             block = self.block_at(k)
-            out[:, j] = self.block_order(block)[first : first + len(out)] + block * self.block_rows
+            out[:, j] = self.block_order(block)[first : first + len(out)].astype(np.int64) + block * self.block_rows
 
     def piece_index(self, piece: Piece, rows: RowsFn | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """The row behind every position of ``piece``, written by ``rows(visits, firsts,

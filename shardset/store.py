@@ -767,10 +767,16 @@ def _check_target(local: str, where: str, overwrite: bool) -> None:
     for parent in Path(os.path.realpath(local)).parents:
         if _is_shardset_dir(parent):
             raise StoreFormatError(f"{where} is inside the shardset store {parent}; choose a path outside it")
-    if overwrite and os.path.isdir(local) and not os.path.isfile(os.path.join(local, "zarr.json")) and any(
-            os.scandir(local)):
+    if overwrite and os.path.isdir(local) and not os.path.isfile(os.path.join(local, "zarr.json")) and not (
+            holds_only_temporaries(local)):
         raise StoreFormatError(f"{where} is a directory that is not a Zarr store; overwrite replaces a store only, "
                                "so remove the directory yourself or choose another path")
+
+
+def holds_only_temporaries(local: str | os.PathLike) -> bool:
+    """Whether the directory ``local`` holds nothing but ``*.partial`` files (or nothing):
+    a store whose creation was cut short before its first metadata file."""
+    return all(p.is_file() and p.name.endswith(".partial") for p in Path(local).rglob("*"))
 
 
 def _is_shardset_dir(path: Path) -> bool:

@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -38,7 +37,7 @@ from .errors import ArgumentError, ShardsetError, StoreFormatError, StoreIOError
 from .format import (ATTRS_KEY, DEFAULT_BLOCK_MB, MAX_BLOCKS, MIB, RESERVED_NAMES, FieldSpec, Layout,
                      block_rows_for, check_int)
 from .lock import check_part, locked, metadata_mutex, sole_writer
-from .store import BlockStore, compressors_for
+from .store import BlockStore, compressors_for, holds_only_temporaries
 from .urls import open_store, parse_url, remote_error, store_exists
 
 __all__ = ["write", "write_blocks", "write_some_blocks", "open_for_writing", "layout_for"]
@@ -122,10 +121,8 @@ def _created_but_empty(path: str | os.PathLike, layout: Layout, storage_options)
     """True for a store of this very layout whose creation was cut short before any block
     (also before its first metadata file: a local directory holding only temporaries)."""
     local = parse_url(path).local_path
-    if local is not None and os.path.isdir(local):
-        entries = list(Path(local).rglob("*"))
-        if all(p.is_file() and p.name.endswith(".partial") for p in entries):
-            return True
+    if local is not None and os.path.isdir(local) and holds_only_temporaries(local):
+        return True
     try:
         attrs = zarr.open_group(open_store(path, storage_options, read_only=True), mode="r").attrs
         old = Layout.from_attrs(attrs)

@@ -690,3 +690,14 @@ def test_direct_reads_give_the_same_stream(make_id_store):
     assert sorted(map(batch_key, workers)) == sorted(map(batch_key, ref))
     with pytest.raises(ValueError, match="direct"):
         ShardedDataset(path, BS, direct="yes")
+
+
+def test_tuples_are_x_then_y_whatever_the_order_of_the_fields(tmp_path):
+    rows = 40
+    path = tmp_path / "yx.zarr"
+    shardset.write(path, {"y": np.arange(rows, dtype=np.float32), "X": np.arange(2 * rows, dtype=np.float32).reshape(rows, 2)},
+                   block_rows=10, progress=False)
+    for fields in (None, ["y", "X"]):
+        X, y = next(iter(ShardedDataset(path, 8, shuffle=False, fields=fields)))
+        assert X.shape == (8, 2) and y.shape == (8,)
+        np.testing.assert_array_equal(X[:, 0].numpy(), 2 * y.numpy())

@@ -9,6 +9,8 @@ used; with DataLoader workers, torchdata's ``StatefulDataLoader``.
 
 from __future__ import annotations
 
+import itertools
+
 import pickle
 
 import numpy as np
@@ -60,6 +62,34 @@ def test_resume_at_every_batch(id_store, kw):
         assert same_batches(list(fresh), ref[k:]), k
 
 
+def test_a_pass_that_delivered_every_batch_ends_its_epoch(id_store):
+    """``islice(ds, len(ds))`` never asks for the batch after the last: the next pass
+    still starts the next epoch (as a pass run to exhaustion does)."""
+    path = id_store(641, 130)
+    ds = ShardedDataset(path, BS, seed=7)
+    passes = [list(itertools.islice(ds, len(ds))) for _ in range(3)]
+    assert ds.state_dict()["epoch"] == 2
+    for epoch, got in enumerate(passes):
+        want = ShardedDataset(path, BS, seed=7)
+        want.set_epoch(epoch)
+        assert same_batches(got, list(want)), epoch
+
+
+def test_set_epoch_of_the_resumed_epoch_keeps_its_place(id_store):
+    """The DistributedSampler-style loop: load a checkpoint, then set_epoch(epoch)
+    at the top of each epoch; the resumed epoch still starts where it stopped."""
+    path = id_store(641, 130)
+    ds = ShardedDataset(path, BS, seed=7)
+    ds.set_epoch(2)
+    ref = list(ds)
+    ds.set_epoch(2)
+    state = state_after(ds, 10)
+    fresh = ShardedDataset(path, BS, seed=7)
+    fresh.load_state_dict(state)
+    fresh.set_epoch(2)
+    assert same_batches(list(fresh), ref[10:])
+    fresh.set_epoch(2)  # a second pass of the epoch starts over
+    assert same_batches(list(fresh), ref)
 CUTS = ["start", "first-batch", "mid-block", "block-boundary", "last-batch", "all-yielded", "whole-epoch", "into-next-epoch"]
 
 
@@ -278,3 +308,16 @@ def test_elastic_resume_needs_every_consumer(id_store):
         ds.load_state_dict(states[0])  # one rank's state cannot continue a 2-rank run
     with pytest.raises(ValueError, match="seed"):
         ShardedDataset(path, BS, seed=4).load_state_dict(states)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_a_state_continues_only_the_consumer_that_took_it(id_store):
+    """A main-process state says nothing of how two workers split the rest: refused,
+    rather than each worker skipping the same count (which lost rows)."""
+    path = id_store(N, 97)
+    ds = ShardedDataset(path, BS, seed=7)
+    state = state_after(ds, 10)
+    fresh = ShardedDataset(path, BS, seed=7)
+    fresh.load_state_dict(state)
+    with pytest.raises(ValueError, match="continues DataLoader worker 0 of 1, not worker"):
+        list(torch.utils.data.DataLoader(fresh, batch_size=None, num_workers=2))

@@ -17,7 +17,7 @@ from test_resume import state_after
 
 from shardset import BlockStore, ShardedDataset
 from shardset.format import FieldSpec, Layout
-from shardset.plan import EpochPlan
+from shardset.plan import EpochPlan, Piece
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
@@ -203,3 +203,9 @@ def test_resume_state_checks_the_window_and_block_set(tmp_path, id_store):
     with pytest.raises(ValueError, match="blocks"):
         ShardedDataset(id_store(100, 25), 10).load_state_dict({**state, "rows": 100})
     assert torch.is_tensor(next(iter(ShardedDataset(path, 10, allow_incomplete=True)))[0])
+
+
+def test_global_row_ids_go_past_2_to_the_31():
+    plan = EpochPlan(rows=2**32, block_rows=2**20, batch_size=BS, seed=0, shuffle=False)
+    ids = plan.piece_index(Piece(stage=3000, start=5, stop=13))  # block 3000: rows from 3000 * 2**20
+    assert ids.dtype == np.int64 and ids.tolist() == list(range(3000 * 2**20 + 5, 3000 * 2**20 + 13))
