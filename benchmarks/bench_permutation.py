@@ -34,10 +34,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -80,15 +81,22 @@ NOTES = [
 ]
 
 
-def pin_to_one_cpu() -> int | None:
-    """Pin this process to one CPU of its current affinity set; returns the CPU id."""
+@contextlib.contextmanager
+def one_cpu() -> Iterator[int | None]:
+    """This process pinned to one CPU of its affinity set (the CPU id; None where it cannot
+    be pinned), and its affinity restored afterwards (a caller in the same process, such
+    as the test suite, keeps its cores)."""
     try:
-        cpus = sorted(os.sched_getaffinity(0))
-        cpu = cpus[-1]  # the last one: CPU 0 tends to take more interrupts
+        before = os.sched_getaffinity(0)
+        cpu = max(before)  # the last one: CPU 0 tends to take more interrupts
         os.sched_setaffinity(0, {cpu})
-        return cpu
     except (AttributeError, OSError):
-        return None
+        yield None
+        return
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 class Case:
@@ -147,7 +155,11 @@ def main(argv=None) -> dict[str, Any]:
     desc = common.machine_description()  # before pinning: it reports the cores available
     desc.setdefault("platform", platform.platform())
     desc.setdefault("numpy", np.__version__)
-    cpu = pin_to_one_cpu()
+    with one_cpu() as cpu:
+        return _measure(args, desc, cpu, started)
+
+
+def _measure(args, desc: dict[str, Any], cpu: int | None, started: float) -> dict[str, Any]:
     print(f"machine: {common.describe_machine_line(desc)}")
     print(f"pinned to CPU {cpu}; numpy {np.__version__}\n", flush=True)
 

@@ -225,11 +225,13 @@ class Layout:
                 generator=dict(meta.get("generator") or {}),
                 slice_rows=None if meta.get("slice_rows") is None else int(meta["slice_rows"]),
             )
-            [(int(start), int(stop)) for start, stop in meta.get("complete_blocks") or []]  # noqa: B018 (checked only)
+            complete = [(int(start), int(stop)) for start, stop in meta.get("complete_blocks") or []]
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise StoreFormatError(f"{where} has malformed shardset attributes: {exc}") from None
         if int(meta.get("num_blocks", lay.num_blocks)) != lay.num_blocks:
             raise StoreFormatError(f"{where}: num_blocks does not match rows and block_rows")
+        if not all(0 <= start < stop <= lay.num_blocks for start, stop in complete):
+            raise StoreFormatError(f"{where}: complete_blocks holds runs outside blocks [0, {lay.num_blocks})")
         return lay
 
 

@@ -170,7 +170,9 @@ def test_script_end_to_end(script, results_in_tmp, tmp_path):
 
     module = importlib.import_module(f"benchmarks.{script}")
     data = [] if script == "bench_permutation" else ["--data-dir", str(tmp_path / "d")]
+    cores = os.sched_getaffinity(0)
     res = module.main([*SCRIPTS[script], *data, "--name", "smoke"])
+    assert os.sched_getaffinity(0) == cores  # a script that pins itself gives the cores back
     assert isinstance(res, dict) and res
     assert (results_in_tmp / "results" / "smoke.json").exists()
     assert (results_in_tmp / "plots" / "smoke.png").exists()

@@ -214,3 +214,19 @@ def test_will_need_has_the_whole_chunk_read_not_one_readahead_window(tmp_path):
     while resident_bytes_of(path)[0] < path.stat().st_size and time.monotonic() < deadline:
         time.sleep(0.01)
     assert resident_bytes_of(path)[0] == path.stat().st_size
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(fields=["X", "y"]), "malformed shardset attributes"),
+    (dict(fields={"X": {"dtype": "foo", "shape": [2]}}), "malformed shardset attributes: data type 'foo'"),
+    (dict(fields={"X": {"dtype": "<U3", "shape": [2]}}), "malformed shardset attributes: a field's dtype must be"),
+    (dict(complete_blocks=[[0]]), "malformed shardset attributes: not enough values"),
+    (dict(complete_blocks=[[0, 99]]), r"complete_blocks holds runs outside blocks \[0, 10\)"),
+])
+def test_malformed_attributes_are_a_format_error(tmp_path, change, match):
+    path = tmp_path / "s.zarr"
+    shardset.generate_regression(path, rows=100, features=2, block_rows=10, workers=1, progress=False)
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["shardset"] = {**group.attrs["shardset"], **change}
+    with pytest.raises(StoreFormatError, match=match):
+        BlockStore.open(path)
