@@ -49,6 +49,7 @@ import contextlib
 import datetime
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -117,7 +118,7 @@ def parse_url(location: str | os.PathLike) -> StoreURL:
         host, slash, path = rest.partition("/")
         if host not in ("", "localhost") or not slash:
             raise StoreURLError(f"malformed file URL {text!r}: use file:///absolute/path")
-        return StoreURL("file", "", "/" + path)
+        return StoreURL("file", "", urllib.parse.unquote("/" + path))  # file:///my%20data -> /my data
     if scheme not in (*REMOTE_SCHEMES, "memory"):
         known = ", ".join(f"{s}://" for s in ("file", *REMOTE_SCHEMES, "memory"))
         raise StoreURLError(f"unsupported store URL scheme {scheme}:// in {text!r}; use a local path or {known}")

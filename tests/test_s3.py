@@ -76,6 +76,7 @@ def _same_blocks(a: BlockStore, b: BlockStore) -> None:
     [
         ("data/reg.zarr", StoreURL("file", "", "data/reg.zarr")),
         ("file:///data/reg.zarr", StoreURL("file", "", "/data/reg.zarr")),
+        ("file:///my%20data/reg.zarr", StoreURL("file", "", "/my data/reg.zarr")),  # percent-decoded, as in RFC 8089
         ("s3://bucket", StoreURL("s3", "bucket", "")),
         ("s3://bucket/a/b.zarr/", StoreURL("s3", "bucket", "a/b.zarr")),
         ("gs://bucket/x", StoreURL("gs", "bucket", "x")),
