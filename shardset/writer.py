@@ -63,9 +63,9 @@ def layout_for(
     if rows * row_bytes >= 1 << 63:
         raise ArgumentError(f"{rows:,} rows of {row_bytes:,} bytes exceed the 8 EiB (2**63 bytes) a store can hold")
     block_rows = by_size if block_rows is None else check_int("block_rows", block_rows)
-    if -(-rows // block_rows) > MAX_BLOCKS:
-        raise ArgumentError(f"{rows:,} rows in blocks of {block_rows:,} make {-(-rows // block_rows):,} blocks, more than "
-                            f"the {MAX_BLOCKS:,} a store may have; use larger blocks")
+    if (blocks := -(-rows // block_rows)) > MAX_BLOCKS:
+        raise ArgumentError(f"{rows:,} rows in blocks of {block_rows:,} make {blocks:,} blocks, more than the "
+                            f"{MAX_BLOCKS:,} a store may have; use larger blocks")
     taken = sorted(set(fields) & RESERVED_NAMES)
     bad = [k for k in fields if not k or "/" in k or k.startswith(".")]
     if taken or bad:
@@ -568,7 +568,7 @@ def _chain(first: Mapping[str, np.ndarray], rest: Iterator[Mapping[str, Any]]) -
 def _rebatch(layout: Layout, batches: Iterable[Mapping[str, np.ndarray]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Cut batches of any size at block boundaries; yields ``(block, arrays)``."""
     names = set(layout.fields)
-    block, fill, buf = 0, 0, None
+    block, fill, buf, last = 0, 0, None, None
     for i, batch in enumerate(batches):
         if set(batch) != names:
             raise ArgumentError(f"batch {i} has fields {sorted(batch)}, expected {sorted(names)}")
