@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import re
@@ -68,6 +69,8 @@ def parse_size(text: str) -> int:
     else:
         m_value, power = float(m.group(1)), "kmgt".find(m.group(2).lower()) + 1 if m.group(2) else 0
         base = 1024 if m.group(3) else 1000
+    if not math.isfinite(m_value):
+        raise ValueError(f"expected a finite size such as 4GB or 512MiB, got {text!r}")
     size = int(m_value * base**power)
     if size < 1:
         raise ValueError(f"size must be at least one byte, got {text!r}")

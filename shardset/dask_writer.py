@@ -54,7 +54,8 @@ def run_dask(
     client = get_client() if client is None else client
     records = _Progress(store, len(todo), progress=False)
     futures = client.map(
-        _write_block, todo, where=store.where, storage_options=store.storage_options, make_block=make_block, pure=False
+        _write_block, todo, where=store.where, storage_options=store.storage_options, make_block=make_block,
+        layout=store.layout.fingerprint(), pure=False,
     )
     if progress:
         _show_progress(futures, client)
@@ -71,8 +72,12 @@ def run_dask(
         records.close()
 
 
-def _write_block(block: int, *, where: str, storage_options: Mapping[str, Any], make_block) -> int:
+def _write_block(block: int, *, where: str, storage_options: Mapping[str, Any], make_block, layout: int) -> int:
     """One task: make and write ``block`` in a worker process; returns the block id.
+
+    ``layout`` is the fingerprint of the store's layout: a worker that outlives a
+    run keeps its open store, and reopens it when the store was overwritten with
+    another layout (the old handle would write blocks of the old geometry).
 
     The write leaves the worker's thread pool (``distributed.secede``), so the worker
     makes its next block while this one goes to the store, as a process of the local
@@ -83,7 +88,7 @@ def _write_block(block: int, *, where: str, storage_options: Mapping[str, Any], 
 
     key = (where, tuple(sorted((k, str(v)) for k, v in storage_options.items())), os.getpid())
     store = _OPEN.get(key)
-    if store is None:
+    if store is None or store.layout.fingerprint() != layout:
         store = _OPEN[key] = BlockStore.open(where, mode="r+", storage_options=storage_options)
     arrays, spare = _made(make_block, store.layout, block)
     with _LOCK:

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -248,7 +249,7 @@ def order_quality(
     adj, adj_uniform = adjacent_same_batch(ids, b) if ids is not None else (None, _uniform_same_batch(len(labels), b))
     return OrderQuality(
         rows=len(labels), batch_size=b, batches=len(tv), classes=c,
-        batch_tv=float(tv.mean()), vif=vif, effective_batch=b / vif,
+        batch_tv=float(tv.mean()), vif=vif, effective_batch=b / vif if vif > 0 else math.inf,  # every batch as the mix
         drift_tv=float(drift_tv(labels, c, stretches).mean()),
         rank_correlation=None if ids is None else rank_correlation(ids),
         adjacent_same_batch=adj, adjacent_same_batch_uniform=adj_uniform,
@@ -321,6 +322,8 @@ def store_quality(
     got = delivered(ds)
     labels = got[label].reshape(-1)
     labels = quantile_labels(labels, edges=edges)[0] if edges is not None else labels.astype(np.int64)
+    if id_field and got[id_field].shape[1:] not in ((), (1,)):
+        raise ArgumentError(f"id field '{id_field}' must hold one value a row, not rows of shape {got[id_field].shape[1:]}")
     ids = got[id_field].reshape(-1) if id_field else None
     classes = _classes(stored, None)
     unit_rows = ds.unit_rows or store.layout.block_rows

@@ -220,7 +220,9 @@ def plan_for(source: BlockStore, layout: Layout, segments: int | None, seed: int
     m = default_segments(layout) if segments is None else min(check_int("segments", segments), layout.block_rows)
     slice_rows = source.layout.slice_rows
     if layout.block_rows // m < slice_rows:
+        fix = (f"use at most {layout.block_rows // slice_rows} segments" if layout.block_rows >= slice_rows else
+               f"use output blocks of at least {slice_rows} rows")
         raise ArgumentError(f"segments of {layout.block_rows // m} rows are shorter than the checksummed slices of "
-                            f"{source.where} ({slice_rows} rows): each would read whole slices; use at most "
-                            f"{max(1, layout.block_rows // slice_rows)} segments, or method='rows'")
+                            f"{source.where} ({slice_rows} rows): each would read whole slices; {fix}, or "
+                            "method='rows'")
     return SegmentShuffle(layout, m, seed)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from .errors import ArgumentError
 from .dataset import ShardedDataset
-from .format import check_int
+from .format import check_int, check_positive
 from .sparse import SPARSE_FIELDS, is_sparse, sparse_batch, sparse_true_parameters
 from .store import BlockStore
 from .synthetic import _one_thread, true_parameters
@@ -79,8 +79,8 @@ def fit_linear_regression(
 
     ``path`` may be a URL (``s3://bucket/prefix``) with ``storage_options``.
     """
-    if epochs < 1 or lr <= 0:
-        raise ArgumentError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+    check_int("epochs", epochs)
+    check_positive("lr", lr)
     ds = ShardedDataset(path, batch_size, seed=seed, prefetch=prefetch, fields=["X", "y"],
                         storage_options=storage_options)
     features = ds.layout.fields["X"].shape
@@ -95,7 +95,7 @@ def fit_linear_regression(
     result = FitResult(np.empty(0), 0.0, *(truth or (None, None)), row_bytes=ds.layout.row_bytes)
 
     def step(batch, epoch: int) -> tuple[torch.Tensor, int]:
-        X, y = batch
+        X, y = (t.float() for t in batch)  # the model is float32, whatever the store's dtype
         loss = torch.nn.functional.mse_loss(model(X), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -217,8 +217,8 @@ def fit_sparse_regression(
     if optimizer not in DEFAULT_LR:
         raise ArgumentError(f"optimizer must be one of {', '.join(DEFAULT_LR)}, got {optimizer!r}")
     lr = DEFAULT_LR[optimizer] if lr is None else lr
-    if epochs < 1 or lr <= 0:
-        raise ArgumentError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+    check_int("epochs", epochs)
+    check_positive("lr", lr)
     min_count = check_int("min_count", min_count, 0)
     store = BlockStore.open(path, storage_options=storage_options)
     if not is_sparse(store.layout):
@@ -239,6 +239,7 @@ def fit_sparse_regression(
 
     def step(batch, epoch: int) -> tuple[torch.Tensor, int]:
         indices, values, y = sparse_batch(batch)
+        values, y = values.float(), y.float()  # the model is float32, whatever the store's dtype
         if epoch == 0:
             counts.index_add_(0, indices.reshape(-1), torch.ones(indices.numel(), dtype=torch.int64))
         loss = torch.nn.functional.mse_loss(model(indices, values), y)

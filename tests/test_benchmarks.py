@@ -190,3 +190,9 @@ def test_ready_batches_split_over_workers():
     for X, y in batches:
         assert X.shape == (8, 3) and y.shape == (8, 1)
         assert X.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()  # one segment a batch
+
+
+@pytest.mark.parametrize("text", ["inf", "1e400", "nan", "-1", "ten"])
+def test_bench_sizes_are_finite_positive_byte_counts(text):
+    with pytest.raises(ValueError, match="size"):
+        bench.parse_size(text)

@@ -82,3 +82,14 @@ def test_cli_generate_on_a_dask_scheduler(tmp_path, client, regression_store, ca
     assert main(["generate", *args, "--dask", client.scheduler.address]) == 0  # with Dask's progress bar
     assert "rows x 3 features in 9 blocks" in capsys.readouterr().out
     assert _chunk_files(path) == _chunk_files(Path(regression_store(ROWS, FEATURES, BLOCK_ROWS)))
+
+
+def test_workers_that_outlive_a_run_follow_an_overwrite_with_another_layout(tmp_path, client):
+    """The cluster's worker processes keep their open stores between runs: an
+    overwrite with other blocks must not be written with the old geometry."""
+    path = tmp_path / "again.zarr"
+    kw = dict(rows=2000, features=2, scheduler="dask", client=client, progress=False)
+    shardset.generate_regression(path, block_rows=300, **kw)
+    store = shardset.generate_regression(path, block_rows=250, overwrite=True, **kw)
+    assert store.layout.block_rows == 250 and store.missing_blocks() == []
+    assert shardset.verify(path, deep=True, workers=1).ok

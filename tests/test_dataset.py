@@ -701,3 +701,11 @@ def test_tuples_are_x_then_y_whatever_the_order_of_the_fields(tmp_path):
         X, y = next(iter(ShardedDataset(path, 8, shuffle=False, fields=fields)))
         assert X.shape == (8, 2) and y.shape == (8,)
         np.testing.assert_array_equal(X[:, 0].numpy(), 2 * y.numpy())
+
+
+def test_training_casts_a_float64_store_for_the_float32_model(tmp_path):
+    rng = np.random.default_rng(0)
+    X, w = rng.standard_normal((4000, 3)), np.array([1.0, -2.0, 0.5])
+    shardset.write(tmp_path / "f64", {"X": X, "y": (X @ w + 3.0)[:, None]}, block_rows=1000, progress=False)
+    fit = shardset.fit_linear_regression(tmp_path / "f64", epochs=5, batch_size=32, lr=0.05)
+    assert np.abs(fit.w - w).max() < 0.05 and abs(fit.b - 3.0) < 0.05

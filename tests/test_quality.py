@@ -133,3 +133,8 @@ def test_cli_quality(sorted_store, capsys):
     assert main(["quality", sorted_store, "--label", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no field 'nope'" in err[0]
+
+
+def test_an_order_with_every_batch_at_the_global_mix_has_an_unbounded_effective_batch():
+    q = order_quality(np.tile([0, 1], 100), 10)
+    assert q.vif == 0 and q.effective_batch == float("inf")

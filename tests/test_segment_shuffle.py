@@ -93,8 +93,10 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
         shuffle_store(packed, tmp_path / "a.zarr", method="segments", progress=False)
     coarse = shardset.write(tmp_path / "coarse.zarr", id_arrays(3000), block_rows=1031, progress=False)
     assert coarse.layout.slice_rows == 1031  # a prime block size over 1024 rows: one slice a block
-    with pytest.raises(ArgumentError, match="shorter than the checksummed slices"):  # each would read whole blocks
+    with pytest.raises(ArgumentError, match="shorter than the checksummed slices.*use at most 1 segments"):
         shuffle_store(coarse.where, tmp_path / "b.zarr", method="segments", segments=2, progress=False)
+    with pytest.raises(ArgumentError, match="use output blocks of at least 1031 rows"):  # no segment count would do
+        shuffle_store(coarse.where, tmp_path / "b.zarr", method="segments", block_rows=500, progress=False)
     for kw, match in ((dict(method="blocks"), "method must be"), (dict(segments=4), "method='segments' only"),
                       (dict(method="segments", tmp_dir=tmp_path), "method='rows' only")):
         with pytest.raises(ArgumentError, match=match):

@@ -230,6 +230,12 @@ def test_training_on_a_sparse_store_without_a_generator(tmp_path):
     fit = fit_sparse_regression(tmp_path / "mine", epochs=3, batch_size=64)
     assert fit.w.shape == (50,) and fit.w_true is None and fit.w_rms is None
     assert np.abs(fit.w - w).max() < 0.05 and abs(fit.b - 1.0) < 0.05
+    wide = {"indices": idx, "values": values.astype(np.float64), "y": y.astype(np.float64)}  # the model stays float32
+    shardset.write(tmp_path / "f64", wide, block_rows=500, progress=False)
+    fit = fit_sparse_regression(tmp_path / "f64", epochs=3, batch_size=64)
+    assert np.abs(fit.w - w).max() < 0.05 and abs(fit.b - 1.0) < 0.05
+    with pytest.raises(ValueError, match="lr must be positive"):
+        fit_sparse_regression(tmp_path / "mine", lr=float("nan"))
     with pytest.raises(ValueError, match="not a sparse store"):
         fit_sparse_regression(shardset.write(tmp_path / "dense", {"X": values, "y": y}, progress=False).where)
 
