@@ -309,8 +309,9 @@ def store_quality(
     for name in (label, id_field):
         if name is not None and name not in fields:
             raise ArgumentError(f"{path} has no field {name!r}; it has {sorted(fields)}")
-    if int(np.prod(fields[label].shape)) != 1:
-        raise ArgumentError(f"label field {label!r} must hold one value per row, not shape {fields[label].shape}")
+    for kind, name in (("label", label), ("id", id_field)):
+        if name is not None and int(np.prod(fields[name].shape)) != 1:
+            raise ArgumentError(f"{kind} field {name!r} must hold one value per row, not shape {fields[name].shape}")
     stored = np.concatenate([store.read_block(label, b).reshape(-1) for b in range(store.layout.num_blocks)])
     edges = None
     if stored.dtype.kind == "f":
@@ -322,8 +323,6 @@ def store_quality(
     got = delivered(ds)
     labels = got[label].reshape(-1)
     labels = quantile_labels(labels, edges=edges)[0] if edges is not None else labels.astype(np.int64)
-    if id_field and got[id_field].shape[1:] not in ((), (1,)):
-        raise ArgumentError(f"id field '{id_field}' must hold one value a row, not rows of shape {got[id_field].shape[1:]}")
     ids = got[id_field].reshape(-1) if id_field else None
     classes = _classes(stored, None)
     unit_rows = ds.unit_rows or store.layout.block_rows

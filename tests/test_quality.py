@@ -138,3 +138,13 @@ def test_cli_quality(sorted_store, capsys):
 def test_an_order_with_every_batch_at_the_global_mix_has_an_unbounded_effective_batch():
     q = order_quality(np.tile([0, 1], 100), 10)
     assert q.vif == 0 and q.effective_batch == float("inf")
+
+
+def test_label_and_id_fields_hold_one_value_a_row(tmp_path):
+    rows = np.arange(40)
+    path = shardset.write(tmp_path / "pairs.zarr", {"y": rows % 4, "pair": np.stack([rows, rows], 1)}, block_rows=10,
+                          progress=False).where
+    with pytest.raises(ValueError, match=r"id field 'pair' must hold one value per row, not shape \(2,\)"):
+        store_quality(path, batch_size=8, label="y", id_field="pair")
+    with pytest.raises(ValueError, match="label field 'pair' must hold one value per row"):
+        store_quality(path, batch_size=8, label="pair")
