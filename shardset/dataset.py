@@ -42,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .direct_io import AsyncDirectReads, Steps, ThreadedSteps, run_steps
 from .errors import ArgumentError, CorruptBlockError
-from .format import MIB, check_int, check_positive
+from .format import MIB, check_int, check_positive, is_integer
 from .memory import DIRECT_ALIGN, aligned_buffer, direct_nbytes
 from .plan import EpochPlan, Piece, undelivered
 from .store import CRC_BYTES, BlockStore
@@ -327,6 +327,11 @@ class ShardedDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self._resume_at and (worker, num_workers) != self._resume_for:  # checked first: the state stays loaded
+            w, n = self._resume_for
+            raise ArgumentError(f"this state continues DataLoader worker {w} of {n}, not worker {worker} of "
+                                f"{num_workers}: continue with num_workers={0 if n == 1 else n} (each worker with "
+                                "its own state), or load the states of every consumer (global_state_dict)")
         self._in_worker = info is not None
         if info is not None:
             _quiet_worker()
@@ -339,11 +344,6 @@ class ShardedDataset(IterableDataset):
         first, last = plan.worker_batches(worker, num_workers)
         self._pass_end = (plan.epoch, last - first)
         skip, self._resume_at = self._resume_at, 0
-        if skip and (worker, num_workers) != self._resume_for:
-            w, n = self._resume_for
-            raise ArgumentError(f"this state continues DataLoader worker {w} of {n}, not worker {worker} of "
-                                f"{num_workers}: continue with num_workers={0 if n == 1 else n} (each worker with "
-                                "its own state), or load the states of every consumer (global_state_dict)")
         self._position = (plan.epoch, skip)
         first = min(first + skip, last)
         return self._batches(plan, first, last, num_workers)
@@ -746,7 +746,7 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
             raise ArgumentError(f"world_size={world_size} needs rank= as well (or an initialized torch.distributed)")
         rank = dist.get_rank() if distributed else 0
     for name, value in (("rank", rank), ("world_size", world_size)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        if not is_integer(value):
             raise ArgumentError(f"{name} must be an integer, got {value!r}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ArgumentError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")

@@ -89,10 +89,15 @@ def _number_dtype(dtype: np.dtype) -> np.dtype:
 
 def check_int(name: str, value: object, minimum: int = 1) -> int:
     """``value`` as an int if it is an integer (not a bool) >= ``minimum``, else ValueError."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not is_integer(value) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ArgumentError(f"{name} must be {kind}, got {value!r}")
     return int(value)
+
+
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is a Python or numpy integer (a bool is not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def check_positive(name: str, value: object) -> float:

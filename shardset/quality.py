@@ -249,7 +249,7 @@ def order_quality(
     adj, adj_uniform = adjacent_same_batch(ids, b) if ids is not None else (None, _uniform_same_batch(len(labels), b))
     return OrderQuality(
         rows=len(labels), batch_size=b, batches=len(tv), classes=c,
-        batch_tv=float(tv.mean()), vif=vif, effective_batch=b / vif if vif > 0 else math.inf,  # every batch as the mix
+        batch_tv=float(tv.mean()), vif=vif, effective_batch=b / vif if vif > 0 else math.inf,  # VIF 0: every batch has the global mix
         drift_tv=float(drift_tv(labels, c, stretches).mean()),
         rank_correlation=None if ids is None else rank_correlation(ids),
         adjacent_same_batch=adj, adjacent_same_batch_uniform=adj_uniform,

@@ -10,6 +10,8 @@ used; with DataLoader workers, torchdata's ``StatefulDataLoader``.
 from __future__ import annotations
 
 import itertools
+import types
+import unittest.mock
 
 import pickle
 
@@ -321,3 +323,8 @@ def test_a_state_continues_only_the_consumer_that_took_it(id_store):
     fresh.load_state_dict(state)
     with pytest.raises(ValueError, match="continues DataLoader worker 0 of 1, not worker"):
         list(torch.utils.data.DataLoader(fresh, batch_size=None, num_workers=2))
+    with pytest.raises(ValueError, match="continues DataLoader worker 0 of 1, not worker 0 of 2"):
+        info = types.SimpleNamespace(id=0, num_workers=2)  # as inside worker 0 of 2
+        with unittest.mock.patch("shardset.dataset.get_worker_info", return_value=info):
+            iter(fresh)
+    assert same_batches(list(fresh), list(ShardedDataset(path, BS, seed=7))[10:])  # the refusal kept the state
