@@ -77,7 +77,9 @@ class ShardedDataset(IterableDataset):
         drop_last: drop each rank's final partial batch.
         rank, world_size: default to ``torch.distributed`` when initialized, else 0 and 1.
         prefetch: blocks read ahead on background threads (memory is about
-            ``window + prefetch`` blocks per consumer).
+            ``window + prefetch`` blocks per consumer; never more read ahead than
+            the stream holds, and a window and read-ahead that would not fit in
+            the RAM are refused).
         fields: the fields to read, in output order (default: all). Batches are
             ``(X, y)`` tuples when the fields are exactly X and y, else dicts.
         window_blocks: mix the rows of this many consecutive blocks of the epoch's
@@ -150,9 +152,16 @@ class ShardedDataset(IterableDataset):
             raise ArgumentError(f"direct must be True, False or 'auto', got {direct!r}")
         self.direct = direct if direct != "auto" else self.layout.rows * self._row_bytes > _ram_bytes() / 2
         self.rank, self.world_size = _resolve_rank(rank, world_size)
-        rows = self._plan_for(0, self.rank, self.world_size, self.batch_size, self.drop_last, None).stream_rows
-        if rows < self.world_size:
-            raise ArgumentError(f"{rows} rows cannot be split across {self.world_size} ranks")
+        plan = self._plan_for(0, self.rank, self.world_size, self.batch_size, self.drop_last, None)
+        if plan.stream_rows < self.world_size:
+            raise ArgumentError(f"{plan.stream_rows} rows cannot be split across {self.world_size} ranks")
+        self.prefetch = min(self.prefetch, plan.num_blocks)  # reading further ahead than the stream holds buys nothing
+        need, ram = (plan.window + self.prefetch) * plan.block_rows * self._row_bytes, _ram_bytes()
+        if need > ram:
+            unit = "blocks" if self.unit_rows is None else "slice units"
+            raise ArgumentError(f"a window of {plan.window} {unit} and {self.prefetch} read ahead need "
+                                f"{need / 2**30:.1f} GiB of buffers, more than the {ram / 2**30:.1f} GiB of RAM here: "
+                                "lower window_blocks, window_mb or prefetch")
         self.as_tuple = sorted(self.fields) == ["X", "y"]
         if self.as_tuple:  # (X, y) whatever the store's or the caller's order
             self.fields = ["X", "y"]

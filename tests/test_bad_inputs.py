@@ -26,6 +26,7 @@ import zarr
 
 import shardset
 from shardset import (
+    BlockStore,
     FeistelPermutation,
     IncompleteStoreError,
     ShardedDataset,
@@ -34,6 +35,7 @@ from shardset import (
 )
 from shardset.cli import main
 from shardset.errors import StoreAccessError, StoreNotFoundError, StoreURLError
+from shardset.format import FieldSpec, Layout
 from shardset.verify import verify
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
@@ -59,6 +61,7 @@ class Env:
     folder: str = ""
     damaged: str = ""
     noweights: str = ""
+    big: str = ""
 
     def new(self) -> str:
         return tempfile.mkdtemp(dir=self.root) + "/s.zarr"
@@ -148,6 +151,9 @@ ROWS = [
         ["train", "{store}", "--batch-size", "-8"], "--batch-size"),
     Row("prefetch-negative", lambda e: ds(e, prefetch=-1), ValueError, "prefetch must be an integer >= 0",
         ["read", "{store}", "--prefetch", "-1"], "--prefetch"),
+    Row("buffers-beyond-ram", lambda e: ds(e, path=e.big), ValueError,
+        r"a window of 1 blocks and 1 read ahead need 128.0 GiB of buffers, more than the .* GiB of RAM here",
+        ["read", "{big}"], "GiB of buffers"),
     Row("workers-zero", lambda e: gen(e, workers=0), ValueError, "workers must be a positive integer",
         _with(G, workers="0"), "--workers"),
     Row("seed-negative", lambda e: gen(e, seed=-1), ValueError, "seed must be an integer >= 0",
@@ -275,6 +281,9 @@ def env() -> Env:
     shutil.copytree(e.store, e.damaged)
     meta = Path(e.damaged, "zarr.json")
     meta.write_bytes(meta.read_bytes()[:100])  # cut short
+    e.big = str(root / "big.zarr")  # blocks of 64 GiB, marked complete and never written (sparse files)
+    big = BlockStore.create(e.big, Layout(rows=2**26, block_rows=2**24, fields={"x": FieldSpec("float32", (1024,))}))
+    big.mark_complete(range(4))
     e.noweights = str(root / "noweights.zarr")
     shutil.copytree(e.store, e.noweights)
     shutil.rmtree(Path(e.noweights, "params", "w"))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -178,6 +180,14 @@ def test_script_end_to_end(script, results_in_tmp, tmp_path):
     assert (results_in_tmp / "plots" / "smoke.png").exists()
     if script == "bench_read":  # every warm contender ran, the worker diagnostic too
         assert {k: v["rows"] > 0 for k, v in res["warm"].items()} == {k: True for k, _ in module.WARM_CONFIGS}
+
+
+def test_importing_the_scripts_leaves_the_environment_alone():
+    """Subprocesses of whoever imports a benchmark (the test suite's DataLoader workers,
+    torchrun) inherit its environment: no script may set thread counts there."""
+    imports = "; ".join(f"import benchmarks.{script}" for script in sorted(SCRIPTS))
+    code = f"import os; before = dict(os.environ); {imports}; assert dict(os.environ) == before, 'changed'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_ready_batches_split_over_workers():

@@ -527,10 +527,11 @@ def test_an_abandoned_iterator_stops_its_threads(id_store):
 def test_prefetch_does_not_change_the_stream(id_store, rank, world_size):
     path = id_store(N, 97)
     streams = {}
-    for prefetch in (0, 1, 3):
+    for prefetch in (0, 1, 3, 2**40):  # the last: no more read ahead than the stream's 11 blocks
         ds = ShardedDataset(path, BS, seed=12, prefetch=prefetch, rank=rank, world_size=world_size)
         streams[prefetch] = [list(ds) for _ in range(2)]
-    for prefetch in (0, 3):
+        assert ds.prefetch == min(prefetch, 11)
+    for prefetch in (0, 3, 2**40):
         for e in range(2):
             assert same_batches(streams[prefetch][e], streams[1][e])
 
