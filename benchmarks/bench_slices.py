@@ -159,13 +159,13 @@ def throughput(args, root: Path) -> dict[str, Any]:
 
 
 def budget_target(q: dict[str, Any], ratios: dict[str, Any], b: int) -> dict[str, Any]:
-    """The sub-block target on one measure of throughput: among the configurations at
-    0.8 or more of O_DIRECT (all, if none is), the one of the largest b/VIF."""
-    fast = [k for k in q if k in ratios and ratios[k]["median"] >= 0.8]
-    best = max(fast or [k for k in q if k in ratios], key=lambda k: q[k]["reader"]["effective_batch"]["median"])
-    met = any(q[k]["reader"]["effective_batch"]["median"] >= b / 2 for k in fast)
-    return {"value": best, "effective_batch_over_b": q[best]["reader"]["effective_batch"]["median"] / b,
-            "over_o_direct": ratios[best]["median"], "verdict": "MET" if met else "MISSED"}
+    """The sub-block target on one measure of throughput: the fastest configuration of
+    those whose b/VIF reaches b/2 (of all, if none does), met at 0.8 of O_DIRECT."""
+    mixed = [k for k in q if k in ratios and q[k]["reader"]["effective_batch"]["median"] >= b / 2]
+    best = max(mixed or [k for k in q if k in ratios], key=lambda k: ratios[k]["median"])
+    batch, ratio = q[best]["reader"]["effective_batch"]["median"], ratios[best]["median"]
+    return {"value": f"{best}: b/VIF {batch:.0f} at {ratio:.2f} of O_DIRECT", "effective_batch_over_b": batch / b,
+            "over_o_direct": ratio, "verdict": "MET" if mixed and ratio >= 0.8 else "MISSED"}
 
 
 def main(argv=None) -> dict[str, Any]:

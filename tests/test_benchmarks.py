@@ -206,3 +206,19 @@ def test_ready_batches_split_over_workers():
 def test_bench_sizes_are_finite_positive_byte_counts(text):
     with pytest.raises(ValueError, match="size"):
         bench.parse_size(text)
+
+
+def test_the_slice_target_takes_the_fastest_reader_that_mixes_enough():
+    from benchmarks.bench_slices import budget_target
+
+    def q(*batches):
+        return {k: {"reader": {"effective_batch": {"median": v}}} for k, v in zip("abc", batches)}
+
+    def r(*ratios):
+        return {k: {"median": v} for k, v in zip("abc", ratios)}
+
+    got = budget_target(q(200, 100, 250), r(0.7, 0.9, 0.6), 256)  # b: fastest, but b/VIF under b/2
+    assert (got["value"], got["verdict"]) == ("a: b/VIF 200 at 0.70 of O_DIRECT", "MISSED")
+    assert budget_target(q(200, 100, 250), r(0.7, 0.9, 0.85), 256)["verdict"] == "MET"
+    got = budget_target(q(20, 100, 50), r(0.7, 0.9, 0.85), 256)  # none mixes enough: the fastest, missed
+    assert (got["value"], got["verdict"]) == ("b: b/VIF 100 at 0.90 of O_DIRECT", "MISSED")
