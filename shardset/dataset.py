@@ -156,12 +156,12 @@ class ShardedDataset(IterableDataset):
         if plan.stream_rows < self.world_size:
             raise ArgumentError(f"{plan.stream_rows} rows cannot be split across {self.world_size} ranks")
         self.prefetch = min(self.prefetch, plan.num_blocks)  # reading further ahead than the stream holds buys nothing
-        need, ram = (plan.window + self.prefetch) * plan.block_rows * self._row_bytes, _ram_bytes()
-        if need > ram:
+        slots, each, ram = plan.window + self.prefetch, plan.block_rows * self._row_bytes, _ram_bytes()
+        if slots * each > ram:
             unit = "blocks" if self.unit_rows is None else "slice units"
-            raise ArgumentError(f"a window of {plan.window} {unit} and {self.prefetch} read ahead need "
-                                f"{need / 2**30:.1f} GiB of buffers, more than the {ram / 2**30:.1f} GiB of RAM here: "
-                                "lower window_blocks, window_mb or prefetch")
+            raise ArgumentError(f"a window and read-ahead of {slots} x {each / 2**20:,.0f} MiB ({unit}) need "
+                                f"{slots * each / 2**30:,.1f} GiB of buffers, more than the {ram / 2**30:,.1f} GiB of "
+                                "RAM here: lower window_blocks, window_mb or prefetch")
         self.as_tuple = sorted(self.fields) == ["X", "y"]
         if self.as_tuple:  # (X, y) whatever the store's or the caller's order
             self.fields = ["X", "y"]

@@ -152,7 +152,7 @@ ROWS = [
     Row("prefetch-negative", lambda e: ds(e, prefetch=-1), ValueError, "prefetch must be an integer >= 0",
         ["read", "{store}", "--prefetch", "-1"], "--prefetch"),
     Row("buffers-beyond-ram", lambda e: ds(e, path=e.big), ValueError,
-        r"a window of 1 blocks and 1 read ahead need 128.0 GiB of buffers, more than the .* GiB of RAM here",
+        r"a window and read-ahead of 2 x 4,194,304 MiB .blocks. need 8,192.0 GiB of buffers, more than the .* GiB of RAM",
         ["read", "{big}"], "GiB of buffers"),
     Row("workers-zero", lambda e: gen(e, workers=0), ValueError, "workers must be a positive integer",
         _with(G, workers="0"), "--workers"),
@@ -281,8 +281,8 @@ def env() -> Env:
     shutil.copytree(e.store, e.damaged)
     meta = Path(e.damaged, "zarr.json")
     meta.write_bytes(meta.read_bytes()[:100])  # cut short
-    e.big = str(root / "big.zarr")  # blocks of 64 GiB, marked complete and never written (sparse files)
-    big = BlockStore.create(e.big, Layout(rows=2**26, block_rows=2**24, fields={"x": FieldSpec("float32", (1024,))}))
+    e.big = str(root / "big.zarr")  # blocks of 4 TiB, marked complete and never written
+    big = BlockStore.create(e.big, Layout(rows=2**32, block_rows=2**30, fields={"x": FieldSpec("float32", (1024,))}))
     big.mark_complete(range(4))
     e.noweights = str(root / "noweights.zarr")
     shutil.copytree(e.store, e.noweights)
