@@ -83,14 +83,16 @@ class ShardedDataset(IterableDataset):
         fields: the fields to read, in output order (default: all). Batches are
             ``(X, y)`` tuples when the fields are exactly X and y, else dicts.
         window_blocks: mix the rows of this many consecutive blocks of the epoch's
-            order (1: shuffle inside each block only).  See :mod:`shardset.plan`.
+            order (default 1: shuffle inside each block only); with ``slice_mb``,
+            this many blocks' memory of slices.  See :mod:`shardset.plan`.
         window_mb: alternatively, the largest window that fits this many MiB of
             the fields read.
         slice_mb: read slices of about this many MiB instead of whole blocks, and
             make them the units that are visited in a Feistel order and mixed in
             the window: a window of the same memory then mixes rows from many
             more places of the store (sub-block mixing; needs a store with slice
-            checksums, see ``docs/format.md``).  ``prefetch`` still counts blocks.
+            checksums, see ``docs/format.md``).  ``window_blocks`` and ``prefetch``
+            still count blocks.
         on_error: ``"raise"`` (default) stops at a block that fails its checks;
             ``"skip"`` warns and replaces its rows with those of the next readable
             block, so every rank still yields the same batches.
@@ -230,8 +232,8 @@ class ShardedDataset(IterableDataset):
         """The window in the plan's units (blocks, or slices with ``slice_mb``)."""
         if blocks is not None and mb is not None:
             raise ArgumentError("give window_blocks or window_mb, not both")
-        if mb is None:
-            return 1 if blocks is None else max(1, round(check_int("window_blocks", blocks) * per_block))
+        if mb is None:  # one block's memory by default, however many units fill it
+            return max(1, round((1 if blocks is None else check_int("window_blocks", blocks)) * per_block))
         check_positive("window_mb", mb)
         return max(1, int(mb * MIB) // ((self.unit_rows or self.layout.block_rows) * self._row_bytes))
 

@@ -127,7 +127,9 @@ class BlockStore:
                     f"{where}: field '{name}' is {arr.dtype}{tuple(arr.shape)} in chunks {tuple(arr.chunks)}, "
                     f"expected {spec.dtype}{want_shape} in chunks {want_chunks}"
                 )
-            self.arrays[name] = arr
+            # The creation's config is not stored with the array: without this, zarr skips
+            # writing a chunk that holds only fill values (an all-NaN or all-zero block).
+            self.arrays[name] = arr.with_config({"write_empty_chunks": True})
         store = group.store
         self.local_root: Path | None = Path(store.root) if isinstance(store, LocalStore) else None
         self._raw = {name: self._raw_chain(arr) for name, arr in self.arrays.items()}
@@ -137,7 +139,7 @@ class BlockStore:
             want = (layout.num_blocks, len(layout.fields), layout.slices_per_block)
             if not isinstance(table, zarr.Array) or tuple(table.shape) != want or tuple(table.chunks) != (1, *want[1:]):
                 raise StoreFormatError(f"{where}: the '{SLICE_TABLE}' array is missing or not {want} in blocks")
-            self.slice_table = table
+            self.slice_table = table.with_config({"write_empty_chunks": True})
         # block -> its slice checksums, for the blocks used last (lock-free under the GIL:
         # a reader has up to 16 I/O threads asking)
         self.slice_checksums = functools.lru_cache(maxsize=TABLE_CACHE_BLOCKS)(self._slice_checksums)
@@ -213,14 +215,12 @@ class BlockStore:
                 serializer=BytesCodec(endian="little") if dtype.itemsize > 1 else BytesCodec(endian=None),
                 compressors=compressors,
                 fill_value=_fill_value(dtype),
-                config={"write_empty_chunks": True},
             )
         if layout.slice_rows is not None:
             group.create_array(
                 SLICE_TABLE, shape=(layout.num_blocks, len(layout.fields), layout.slices_per_block),
                 chunks=(1, len(layout.fields), layout.slices_per_block), dtype=np.uint32,
                 serializer=BytesCodec(endian="little"), compressors=[Crc32cCodec()], fill_value=0,
-                config={"write_empty_chunks": True},
             )
         bs = cls(group, layout, where, storage_options=storage_options)
         bs._sync_metadata()
@@ -761,16 +761,22 @@ def _fetch_ranges(store: Any, key: str, buffer: np.ndarray, want: int, part: int
 
 def _check_target(local: str, where: str, overwrite: bool) -> None:
     """Refuse to create a store over a file, inside another shardset store, or, with
-    ``overwrite``, over a directory that is not a Zarr store (whose files it would delete)."""
+    ``overwrite``, over a directory that is not a Zarr store or that holds another
+    shardset store (whose files it would delete)."""
     if os.path.exists(local) and not os.path.isdir(local):
         raise StoreFormatError(f"{where} is a file, not a store; remove it or choose another path")
     for parent in Path(os.path.realpath(local)).parents:
         if _is_shardset_dir(parent):
             raise StoreFormatError(f"{where} is inside the shardset store {parent}; choose a path outside it")
-    if overwrite and os.path.isdir(local) and not os.path.isfile(os.path.join(local, "zarr.json")) and not (
-            holds_only_temporaries(local)):
+    if not (overwrite and os.path.isdir(local)):
+        return
+    if not os.path.isfile(os.path.join(local, "zarr.json")) and not holds_only_temporaries(local):
         raise StoreFormatError(f"{where} is a directory that is not a Zarr store; overwrite replaces a store only, "
                                "so remove the directory yourself or choose another path")
+    inner = next((meta.parent for meta in Path(local).glob("*/**/zarr.json") if _is_shardset_dir(meta.parent)), None)
+    if inner is not None:
+        raise StoreFormatError(f"{where} holds the shardset store {inner}, which overwrite would delete; remove it "
+                               "yourself or choose another path")
 
 
 def holds_only_temporaries(local: str | os.PathLike) -> bool:

@@ -72,7 +72,7 @@ _CLIENT_OPTIONS = frozenset(
 )
 _RETRY_OPTIONS = ("max_retries", "retry_timeout")
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
-_MEMORY: dict[str, Any] = {}  # memory://name -> obstore MemoryStore, for this process only
+_MEMORY: dict[tuple[str, str], Any] = {}  # memory://bucket/prefix -> obstore MemoryStore, for this process only
 _RUNTIME_PID: int | None = None  # the process whose obstore runtime may be running
 
 
@@ -163,7 +163,9 @@ def open_store(
     if url.scheme == "memory":
         if storage_options:
             raise StoreURLError(f"memory:// stores take no storage options, got {sorted(storage_options)}")
-        return ObjectStore(_MEMORY.setdefault(url.bucket, MemoryStore()), read_only=read_only)
+        # One store per bucket and prefix: obstore's MemoryStore takes no prefix, and every
+        # store under a URL is rooted there, as S3Store(prefix=...) is.
+        return ObjectStore(_MEMORY.setdefault((url.bucket, url.prefix), MemoryStore()), read_only=read_only)
     options = dict(storage_options or {})
     if url.scheme == "s3":
         options = {**_aws_profile_defaults(options), **options}

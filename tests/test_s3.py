@@ -305,6 +305,18 @@ def test_memory_store_round_trips_in_process():
     assert len(list(ShardedDataset(url, 100))) == 10
 
 
+def test_memory_stores_in_one_bucket_are_apart():
+    """memory://BUCKET/A and memory://BUCKET/B are two stores, as on S3: writing B did
+    resume A's blocks, and overwriting a third store wiped A."""
+    bucket = f"memory://{uuid.uuid4().hex}"
+    shardset.write(f"{bucket}/a.zarr", {"y": np.arange(4)}, block_rows=2, progress=False)
+    shardset.write(f"{bucket}/b.zarr", {"y": np.arange(4) * 100}, block_rows=2, progress=False)
+    shardset.write(f"{bucket}/c.zarr", {"z": np.zeros(3)}, block_rows=2, progress=False, overwrite=True)
+    assert BlockStore.open(f"{bucket}/a.zarr").read_block("y", 1).tolist() == [2, 3]
+    assert BlockStore.open(f"{bucket}/b.zarr").read_block("y", 1).tolist() == [200, 300]
+    assert list(BlockStore.open(f"{bucket}/c.zarr").layout.fields) == ["z"]
+
+
 # -- network failures ------------------------------------------------------------------
 
 FAST_FAIL = {"max_retries": "0", "access_key_id": "k", "secret_access_key": "s", "region": "us-east-1"}

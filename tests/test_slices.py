@@ -88,6 +88,7 @@ def test_slice_stream_follows_the_plan_and_changes_with_epoch(id_store):
     path = id_store(N, 97)
     ds = ShardedDataset(path, BS, seed=2, slice_mb=rows_mb(10), window_blocks=2)
     assert ds.window == round(2 * 97 / 10)  # window_blocks keeps meaning memory in blocks
+    assert ShardedDataset(path, BS, slice_mb=rows_mb(10)).window == round(97 / 10)  # by default one block's worth
     got = stream_ids(list(ds))
     plan = ds.plan(0)
     np.testing.assert_array_equal(got, np.concatenate([plan.piece_index(p) for p in plan.pieces(0, plan.num_batches)]))

@@ -115,14 +115,24 @@ def test_unknown_compression_creates_nothing(tmp_path):
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_block_of_fill_values_is_still_written(tmp_path):
-    # zarr's default write_empty_chunks=False would skip an all-NaN block: it must be stored.
-    path = tmp_path / "s.zarr"
+@pytest.mark.parametrize("where, compression", [("local", None), ("local", "zstd"), ("memory", None)])
+def test_block_of_fill_values_is_still_written(tmp_path, where, compression):
+    """zarr's default write_empty_chunks=False would skip an all-NaN (float) or all-zero
+    (int) block, on every path through zarr (compressed chunks, object stores): the
+    block must be stored, or the store would be complete with a block missing."""
+    import uuid
+
+    path = tmp_path / "s.zarr" if where == "local" else f"memory://{uuid.uuid4().hex}/s.zarr"
     X = np.full((6, 2), np.nan, np.float32)
     X[:3] = 1.0
-    shardset.write(path, {"X": X}, block_rows=3)
-    assert (path / "X" / "c" / "1" / "0").exists()
-    assert np.isnan(BlockStore.open(path).read_block("X", 1)).all()
+    k = np.zeros(6, np.int32)
+    k[:3] = 7
+    shardset.write(path, {"X": X, "k": k}, block_rows=3, compression=compression, progress=False)
+    store = BlockStore.open(path)
+    assert store.missing_blocks() == []
+    assert np.isnan(store.read_block("X", 1)).all() and (store.read_block("k", 1) == 0).all()
+    if where == "local":
+        assert (path / "X" / "c" / "1" / "0").exists()
 
 
 def test_missing_block_is_an_error_not_fill_values(tmp_path):

@@ -246,6 +246,15 @@ def test_overwrite_deletes_only_a_store_and_never_one_around_or_inside_the_sourc
     with pytest.raises(StoreFormatError, match="inside the shardset store"):  # one of the source's own arrays
         shardset.shuffle_store(src, src / "X", overwrite=True, progress=False)
     assert shardset.verify(src, workers=1).ok
+    outer = tmp_path / "project.zarr"  # a plain Zarr group that holds a shardset store
+    zarr.open_group(outer, mode="w")
+    inner = outer / "train.zarr"
+    shardset.generate_regression(inner, rows=100, features=2, block_rows=10, workers=1, progress=False)
+    with pytest.raises(StoreFormatError, match="holds the shardset store .*train.zarr, which overwrite would delete"):
+        shardset.shuffle_store(inner, outer, overwrite=True, progress=False)
+    with pytest.raises(StoreFormatError, match="holds the shardset store"):
+        shardset.write(outer, {"x": np.zeros(4)}, overwrite=True, progress=False)
+    assert shardset.verify(inner, workers=1).ok
     shardset.shuffle_store(src, tmp_path / "out.zarr", progress=False)
     shardset.shuffle_store(src, tmp_path / "out.zarr", overwrite=True, seed=1, progress=False)  # a store: replaced
     assert BlockStore.open(tmp_path / "out.zarr").layout.rows == 100
