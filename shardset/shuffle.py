@@ -145,9 +145,9 @@ def write_shuffled(
     a record of the shuffle (``seed`` and the input's own ``source`` generator),
     so a rerun with another seed is refused instead of mixing two shuffles.
     ``chunks`` is consumed only if the scatter pass has not finished before.
-    The buckets go to ``<tmp_dir or the output's directory>/<output name>.shuffle-tmp``
-    (for an object-store ``path``, with ``storage_options``: to ``tmp_dir`` or the
-    system's temporary directory, named after the URL so that a rerun finds them).
+    The buckets go to ``<tmp_dir or the output's directory>/<output name>-<crc>.shuffle-tmp``
+    (the CRC-32 of the output's real path or URL; for an object-store ``path``, to
+    ``tmp_dir`` or the system's temporary directory), where a rerun finds them.
     """
 
     def scatter(buckets: "_Buckets", seed: int, show: bool) -> None:
@@ -199,13 +199,22 @@ def _recorded(layout: Layout, seed: int, source: Mapping[str, Any] | None, **how
 
 
 def _bucket_dir(path: str | os.PathLike, tmp_dir: str | os.PathLike | None) -> Path:
-    """Where the buckets of a shuffle into ``path`` go: beside a local output, else in the temporary directory."""
+    """Where the buckets of a shuffle into ``path`` go: beside a local output, else in the
+    temporary directory; named after the output and a CRC of where it is, so that two
+    outputs of one name never share a ``tmp_dir``."""
     url = parse_url(path)
     if url.is_local:
         out = Path(url.local_path.rstrip("/"))
-        return (out.parent if tmp_dir is None else Path(tmp_dir)) / f"{out.name}.shuffle-tmp"
-    name = f"{url.prefix.rpartition('/')[2] or url.bucket}-{zlib.crc32(str(url).encode()):08x}"
-    return Path(tempfile.gettempdir() if tmp_dir is None else tmp_dir) / f"{name}.shuffle-tmp"
+        parent, name = out.parent if tmp_dir is None else Path(tmp_dir), out.name
+    else:
+        parent, name = Path(tempfile.gettempdir() if tmp_dir is None else tmp_dir), url.prefix.rpartition("/")[2] or url.bucket
+    return parent / f"{name}-{zlib.crc32(_location(path).encode()):08x}.shuffle-tmp"
+
+
+def _location(path: str | os.PathLike) -> str:
+    """Where a store is, in one spelling: the real path of a local one, else its URL."""
+    url = parse_url(path)
+    return os.path.realpath(url.local_path) if url.is_local else str(url)
 
 
 def _options_for(location: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
@@ -274,8 +283,11 @@ def shuffle_store(
         block_rows = lay.block_rows
     block_mb = DEFAULT_BLOCK_MB if block_mb is None else block_mb
     out = layout_for(lay.rows, lay.fields, block_mb=block_mb, block_rows=block_rows)
+    # The input's place goes into the record: a rerun from another input with the same
+    # layout (stores made by write() record no generator) is refused, not resumed.
+    origin = {**lay.generator, "input": _location(src)}
     if method == "segments":
-        return _segment_shuffled(source, dst, out, seed=seed, segments=segments, workers=workers,
+        return _segment_shuffled(source, dst, out, origin, seed=seed, segments=segments, workers=workers,
                                  compression=compression, checksum=checksum, overwrite=overwrite, progress=progress,
                                  storage_options=_options_for(dst, storage_options))
     parts = _resolve_workers(workers, lay.num_blocks, src)
@@ -293,17 +305,18 @@ def shuffle_store(
         buckets.finish(done)
 
     return _shuffled(
-        dst, out, scatter, seed=seed, source=lay.generator, workers=workers, compression=compression,
+        dst, out, scatter, seed=seed, source=origin, workers=workers, compression=compression,
         checksum=checksum, overwrite=overwrite, progress=progress, tmp_dir=tmp_dir,
         storage_options=_options_for(dst, storage_options),
     )
 
 
-def _segment_shuffled(source: BlockStore, dst, layout: Layout, *, seed: int, segments: int | None,
-                      **how: Any) -> BlockStore:
-    """The one-pass shuffle of :func:`shuffle_store` (``method="segments"``) of the open store ``source``."""
+def _segment_shuffled(source: BlockStore, dst, layout: Layout, origin: Mapping[str, Any], *, seed: int,
+                      segments: int | None, **how: Any) -> BlockStore:
+    """The one-pass shuffle of :func:`shuffle_store` (``method="segments"``) of the open store
+    ``source`` (``origin``: what the output records of it)."""
     plan = plan_for(source, layout, segments, check_int("seed", seed, 0))
-    layout = _recorded(layout, plan.seed, source.layout.generator, **plan.record())
+    layout = _recorded(layout, plan.seed, origin, **plan.record())
     store = write_blocks(dst, layout, SegmentSource(source.where, source.storage_options or None, plan, dst), **how)
     store.require_complete()
     return store

@@ -16,7 +16,15 @@ from shardset.cli import main
 from shardset.errors import ArgumentError, CorruptBlockError, IncompleteStoreError, ShardsetError, StoreFormatError
 from shardset.format import ATTRS_KEY
 from shardset.quality import within_block_correlation
-from shardset.shuffle import SHUFFLE_NAME, _Buckets, _read_ahead, shuffle_store, shuffled_position, write_shuffled
+from shardset.shuffle import (
+    SHUFFLE_NAME,
+    _bucket_dir,
+    _Buckets,
+    _read_ahead,
+    shuffle_store,
+    shuffled_position,
+    write_shuffled,
+)
 
 from conftest import id_arrays, mixed_arrays
 
@@ -45,7 +53,8 @@ def test_write_shuffle_is_the_keyed_permutation_of_the_input(tmp_path):
     assert np.array_equal(got["X"][dest], src["X"])
     assert sorted(got["y"].tolist()) == list(range(rows)) and not np.array_equal(got["y"], src["y"])
     assert store.layout.generator["name"] == SHUFFLE_NAME and store.layout.generator["seed"] == 5
-    assert not os.path.exists(f"{tmp_path / 's.zarr'}.shuffle-tmp")  # buckets removed once complete
+    assert not _bucket_dir(tmp_path / "s.zarr", None).exists()  # buckets removed once complete
+    assert not list(tmp_path.glob("*.shuffle-tmp"))
 
 
 def test_same_seed_same_bytes_any_input_batching_other_seed_other_order(tmp_path):
@@ -83,7 +92,8 @@ def test_shuffle_store_copies_fields_changes_geometry_and_is_worker_independent(
     assert chunk_bytes(one.where) == chunk_bytes(two.where)
     got = columns(one.where)
     assert np.array_equal(got["b"][shuffled_position(3000, 9)(np.arange(3000))], np.arange(3000))
-    assert one.layout.generator["source"] == {}  # written by shardset.write: no generator to record
+    # written by shardset.write: no generator to record, only where the input was
+    assert one.layout.generator["source"] == {"input": os.path.realpath(src)}
     same = shuffle_store(src, tmp_path / "same.zarr", seed=9, workers=1, progress=False)
     assert same.layout.block_rows == 400  # the source's block size by default
 
@@ -128,7 +138,7 @@ def test_an_interrupted_gather_reuses_the_finished_scatter(tmp_path):
     (buckets / "unrelated").write_text("a user's file in --tmp-dir")
     with pytest.raises((OSError, ShardsetError)):
         write_shuffled(dst, ref.layout, chunks_then_an_obstacle(), seed=2, tmp_dir=buckets, progress=False)
-    assert (buckets / "dst.zarr.shuffle-tmp" / "scattered.json").exists() and BlockStore.open(dst).missing_blocks()
+    assert (_bucket_dir(dst, buckets) / "scattered.json").exists() and BlockStore.open(dst).missing_blocks()
     Path(BlockStore.open(dst).chunk_path("X", 0)).rmdir()
     # no input at all: only the finished scatter on disk can complete the store
     write_shuffled(dst, ref.layout, iter(()), seed=2, tmp_dir=buckets, progress=False)
@@ -150,7 +160,7 @@ def test_a_bucket_lost_in_a_crash_is_found_and_the_scatter_redone(tmp_path):
         with pytest.raises((OSError, ShardsetError)):
             write_shuffled(dst, ref.layout, chunks(dst, True), seed=2, tmp_dir=buckets, progress=False)
         Path(BlockStore.open(dst).chunk_path("X", 0)).rmdir()
-        return buckets / f"{Path(dst).name}.shuffle-tmp"
+        return _bucket_dir(dst, buckets)
 
     # what a crash leaves of files that never reached the disk: a tail missing, or zeros of the right size
     root = scattered_not_gathered(tmp_path / "a.zarr")
@@ -234,7 +244,7 @@ def test_the_gather_has_the_next_bucket_read_ahead_and_still_checks_it(tmp_path)
 
     with pytest.raises((OSError, ShardsetError)):
         write_shuffled(dst, ref.layout, chunks_then_an_obstacle(), seed=2, tmp_dir=buckets, progress=False)
-    root = buckets / "dst.zarr.shuffle-tmp"
+    root = _bucket_dir(dst, buckets)
     gather = _Buckets(root, BlockStore.open(dst).layout, dst)
     assert gather.ready()
     files = sorted(root.glob("[0-9]*.0"))
@@ -264,3 +274,18 @@ def test_a_scatter_process_that_sends_no_row_to_a_block_is_no_torn_bucket(tmp_pa
     one = shuffle_store(src, tmp_path / "one.zarr", seed=0, block_rows=4, workers=1, progress=False)
     two = shuffle_store(src, tmp_path / "two.zarr", seed=0, block_rows=4, workers=parts, progress=False)
     assert chunk_bytes(two.where) == chunk_bytes(one.where)
+
+
+def test_another_input_or_output_never_takes_over_a_shuffle_left_unfinished(tmp_path):
+    """Buckets are per output (two outputs of one name in one --tmp-dir kept apart), and the
+    output records its input: a rerun from another input with the same layout is refused,
+    where it used to complete the output with the first input's rows."""
+    tmp = tmp_path / "tmp"
+    a = shardset.write(tmp_path / "a" / "train.zarr", {"v": np.arange(400)}, block_rows=100, progress=False).where
+    b = shardset.write(tmp_path / "b" / "train.zarr", {"v": np.arange(400) + 1000}, block_rows=100, progress=False).where
+    assert _bucket_dir(tmp_path / "a" / "out.zarr", tmp) != _bucket_dir(tmp_path / "b" / "out.zarr", tmp)
+    shuffle_store(a, tmp_path / "a" / "out.zarr", tmp_dir=tmp, workers=1, progress=False)
+    got = shuffle_store(b, tmp_path / "b" / "out.zarr", tmp_dir=tmp, workers=1, progress=False)
+    assert sorted(columns(got.where)["v"].tolist()) == list(range(1000, 1400))
+    with pytest.raises(StoreFormatError, match="different"):
+        shuffle_store(b, tmp_path / "a" / "out.zarr", workers=1, progress=False)
