@@ -580,7 +580,7 @@ def _rebatch(layout: Layout, batches: Iterable[Mapping[str, np.ndarray]]) -> Ite
             spec = layout.fields[name]
             if tuple(v.shape[1:]) != spec.shape:
                 raise ArgumentError(f"batch {i}: field '{name}' rows have shape {tuple(v.shape[1:])}, expected {spec.shape}")
-            if not np.can_cast(v.dtype, spec.dtype, casting="same_kind"):
+            if not _holds(np.dtype(spec.dtype), v):
                 raise ArgumentError(f"batch {i}: field '{name}' is {v.dtype}, which the store's {spec.dtype} (set by "
                                     "the first batch) cannot hold; cast the batches to one dtype")
         while pos < n:
@@ -610,3 +610,20 @@ def _describe(layout: Layout) -> str:
     gen = layout.generator
     extra = "".join(f", {k}={gen[k]}" for k in ("seed", "bias", "noise") if k in gen)
     return f"{layout.rows} rows of {fields}, {layout.block_rows} rows per block{extra}"
+
+
+def _holds(dtype: np.dtype, values: np.ndarray) -> bool:
+    """Whether ``values`` fit ``dtype`` (a later batch in a store whose dtype the first set):
+    a safe cast always, a narrower one of the same kind only if no value wraps around or
+    overflows to infinity (a float64 batch in a float32 store keeps its rounding)."""
+    if np.can_cast(values.dtype, dtype, casting="safe"):
+        return True
+    if not np.can_cast(values.dtype, dtype, casting="same_kind"):
+        return False
+    if dtype.kind in "iu" and values.size:
+        info = np.iinfo(dtype)
+        return bool(info.min <= values.min() and values.max() <= info.max)
+    if dtype.kind in "fc":
+        with np.errstate(over="ignore"):
+            return bool(np.array_equal(np.isfinite(values.astype(dtype)), np.isfinite(values)))
+    return True

@@ -258,3 +258,13 @@ def test_overwrite_deletes_only_a_store_and_never_one_around_or_inside_the_sourc
     shardset.shuffle_store(src, tmp_path / "out.zarr", progress=False)
     shardset.shuffle_store(src, tmp_path / "out.zarr", overwrite=True, seed=1, progress=False)  # a store: replaced
     assert BlockStore.open(tmp_path / "out.zarr").layout.rows == 100
+
+
+def test_later_batches_of_a_wider_dtype_are_kept_when_their_values_fit(tmp_path):
+    """The first batch sets a field's dtype; a later, wider one is cast if nothing wraps
+    or overflows (docs/errors.md: batch-values-wrap, batch-values-overflow)."""
+    store = shardset.write(tmp_path / "s.zarr", iter([{"i": np.array([1, 2], np.int8), "f": np.zeros(2, np.float32)},
+                                                      {"i": np.array([-128, 127]), "f": np.array([0.1, 1e30])}]),
+                           rows=4, block_rows=2, progress=False)
+    assert store.read_block("i", 1).tolist() == [-128, 127]
+    assert store.read_block("f", 1).tolist() == np.array([0.1, 1e30], np.float32).tolist()
