@@ -176,6 +176,7 @@ class ShardedDataset(IterableDataset):
         self._store_pid = os.getpid()
         self._position: tuple[int, int] | None = None  # (epoch, batches handed out) of this consumer
         self._resume_at = 0  # batches to skip at the start of the next pass
+        self._resume_epoch: int | None = None  # the epoch of a loaded state, which that pass continues
         self._resume_for = (0, 1)  # the (DataLoader worker, workers) whose pass _resume_at continues
         self._pass_end: tuple[int, int] | None = None  # _position once the current pass has handed out everything
         self._consumer = (0, 1)  # (DataLoader worker, workers) of the last pass
@@ -202,7 +203,7 @@ class ShardedDataset(IterableDataset):
     def _start_epoch(self, epoch: int) -> None:
         with self._lock:
             self._shared[0], self._shared[1] = epoch, 0
-        self._position, self._resume_at, self._remaining = None, 0, None
+        self._position, self._resume_at, self._resume_epoch, self._remaining = None, 0, None, None
 
     def _unit_rows(self, store: BlockStore, slice_mb: float | None) -> int | None:
         """Rows of the plan's unit: ``None`` for whole blocks, else whole slices."""
@@ -258,9 +259,13 @@ class ShardedDataset(IterableDataset):
         """Where this consumer is: ``(epoch, batches consumed)`` plus the settings that
         define the stream.  O(1) in size, or O(consumers of the run it resumed) for an
         epoch continued with another world size."""
-        epoch, batches = self._position if self._position is not None else (self.epoch, self._resume_at)
+        if self._position is not None:
+            (epoch, batches), (worker, workers) = self._position, self._consumer
+        elif self._resume_epoch is not None:  # a loaded state, not continued yet
+            epoch, batches, (worker, workers) = self._resume_epoch, self._resume_at, self._resume_for
+        else:
+            epoch, batches, (worker, workers) = self.epoch, 0, self._consumer
         left = self._remaining[1] if self._remaining is not None and self._remaining[0] == epoch else None
-        worker, workers = self._consumer
         return {**self._stream_settings(), **self._consumer_settings(), "epoch": epoch, "batches": batches,
                 "worker": worker, "workers": workers, "remaining": None if left is None else [list(i) for i in left]}
 
@@ -280,11 +285,21 @@ class ShardedDataset(IterableDataset):
                 raise ArgumentError(f"not a ShardedDataset state: it lacks {', '.join(lacking)}")
         if isinstance(state, Mapping):
             self._check(state, {**self._stream_settings(), **self._consumer_settings()})
-            self._start_epoch(check_int("epoch", state["epoch"], 0))
-            self._resume_at = int(state["batches"])
-            self._resume_for = (int(state.get("worker", 0)), int(state.get("workers", 1)))
-            if state.get("remaining") is not None:
-                self._remaining = (int(state["epoch"]), tuple(tuple(i) for i in state["remaining"]))
+            epoch, batches = check_int("epoch", state["epoch"], 0), check_int("batches", state["batches"], 0)
+            worker, workers = check_int("worker", state.get("worker", 0), 0), check_int("workers", state.get("workers", 1))
+            left = None if state.get("remaining") is None else tuple(tuple(i) for i in state["remaining"])
+            first, last = self._plan_for(epoch, self.rank, self.world_size, self.batch_size, self.drop_last,
+                                         left).worker_batches(worker, workers)
+            if batches > last - first:
+                raise ArgumentError(f"state says {batches} batches were consumed, but that consumer's share of "
+                                    f"the epoch is {last - first}")
+            # A consumer that had handed out its whole share never moves the epoch back: a
+            # StatefulDataLoader restored from a checkpoint taken at an epoch's end loads it
+            # into workers that run beside those of the next epoch (set with set_epoch).
+            if not (batches == last - first and self.epoch > epoch):
+                self._start_epoch(epoch)
+            self._resume_epoch, self._resume_at, self._resume_for = epoch, batches, (worker, workers)
+            self._remaining = None if left is None else (epoch, left)
             return
         if not states:
             raise ArgumentError("need the states of every consumer of the run, got none")
@@ -350,7 +365,7 @@ class ShardedDataset(IterableDataset):
             # The last pass handed out all its batches but was never run to its end
             # (``islice(ds, len(ds))``): its epoch is over all the same.
             self._finish_epoch(self._position[0], self._consumer[1])
-        plan = self.plan()
+        plan, self._resume_epoch = self.plan(self._resume_epoch), None
         self._consumer = (worker, num_workers)
         first, last = plan.worker_batches(worker, num_workers)
         self._pass_end = (plan.epoch, last - first)

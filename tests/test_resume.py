@@ -243,6 +243,33 @@ def test_stateful_dataloader_resume(id_store, num_workers, persistent, cut, kw):
     assert same_batches(list(resumed), after)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_a_checkpoint_taken_at_an_epochs_end_continues_with_the_next_epoch(id_store):
+    """Every worker's state then says its whole share was delivered. torchdata restores it
+    into workers of an iterator it drops at once (the saved one had finished), beside
+    those of the next epoch: they must not move the epoch back, which repeated epoch 0
+    (or half of it) at random."""
+    path = id_store(101, 7)  # small: the dropped iterator's workers finish at once
+    ref = reference(path, 2)
+    for _ in range(5):
+        loader = make_loader(path, 2)
+        assert same_batches(list(loader), ref[0])
+        state = loader.state_dict()
+        del loader
+        resumed = make_loader(path, 2)
+        resumed.load_state_dict(state)
+        resumed.dataset.set_epoch(1)  # the training loop's next epoch
+        assert same_batches(list(resumed), ref[1])
+
+
+def test_a_loaded_state_is_saved_again_as_it_was_until_continued(id_store):
+    path = id_store(N, 97)
+    state = {**ShardedDataset(path, BS, seed=7).state_dict(), "epoch": 2, "batches": 3, "worker": 1, "workers": 2}
+    ds = ShardedDataset(path, BS, seed=7)
+    ds.load_state_dict(state)
+    assert ds.state_dict() == state
+
+
 # -- elastic: continue an epoch with another world size -------------------------------------
 
 
