@@ -179,6 +179,7 @@ class ShardedDataset(IterableDataset):
         self._resume_epoch: int | None = None  # the epoch of a loaded state, which that pass continues
         self._resume_for = (0, 1)  # the (DataLoader worker, workers) whose pass _resume_at continues
         self._pass_end: tuple[int, int] | None = None  # _position once the current pass has handed out everything
+        self._pass: object | None = None  # the current pass (the newest iterator): only it moves _position
         self._consumer = (0, 1)  # (DataLoader worker, workers) of the last pass
         self._remaining: tuple[int, tuple[tuple[int, int], ...]] | None = None  # (epoch, intervals) left
         self._in_worker = False
@@ -203,7 +204,7 @@ class ShardedDataset(IterableDataset):
     def _start_epoch(self, epoch: int) -> None:
         with self._lock:
             self._shared[0], self._shared[1] = epoch, 0
-        self._position, self._resume_at, self._resume_epoch, self._remaining = None, 0, None, None
+        self._position, self._pass, self._resume_at, self._resume_epoch, self._remaining = None, None, 0, None, None
 
     def _unit_rows(self, store: BlockStore, slice_mb: float | None) -> int | None:
         """Rows of the plan's unit: ``None`` for whole blocks, else whole slices."""
@@ -370,11 +371,11 @@ class ShardedDataset(IterableDataset):
         first, last = plan.worker_batches(worker, num_workers)
         self._pass_end = (plan.epoch, last - first)
         skip, self._resume_at = self._resume_at, 0
-        self._position = (plan.epoch, skip)
+        self._position, self._pass = (plan.epoch, skip), object()
         first = min(first + skip, last)
-        return self._batches(plan, first, last, num_workers)
+        return self._batches(plan, first, last, num_workers, self._pass)
 
-    def _batches(self, plan: EpochPlan, first: int, last: int, num_workers: int) -> Iterator[Batch]:
+    def _batches(self, plan: EpochPlan, first: int, last: int, num_workers: int, token: object) -> Iterator[Batch]:
         store = self._open()
         # Taken while in use, so a second live iterator gets buffers of its own.
         buffers, self._buffers = self._buffers, None
@@ -384,13 +385,13 @@ class ShardedDataset(IterableDataset):
         reader = _BlockReader(store, plan, self.fields, plan.pieces(first, last), self.prefetch, self.on_error, buffers,
                               self.unit_rows is not None, self.direct)
         try:
-            yield from self._assemble(reader)
+            yield from self._assemble(reader, token)
         finally:
             reader.close()  # waits for its threads: nothing writes into the buffers after this
             self._buffers = buffers
-        self._finish_epoch(plan.epoch, num_workers)
+        self._finish_epoch(plan.epoch, num_workers, token)
 
-    def _assemble(self, reader: "_BlockReader") -> Iterator[Batch]:
+    def _assemble(self, reader: "_BlockReader", token: object) -> Iterator[Batch]:
         """Cut the stream of gathered chunks into batches.
 
         A batch never aliases a reused block buffer: chunks are fresh tensors
@@ -409,26 +410,30 @@ class ShardedDataset(IterableDataset):
                     have += pos
                     if have < bs:
                         continue
-                    yield self._emit([torch.cat(parts) for parts in zip(*carry)])
+                    yield self._emit([torch.cat(parts) for parts in zip(*carry)], token)
                     carry, have = [], 0
                 full = (n - pos) // bs * bs
                 # one split per field: slicing a tensor costs more than a microsecond a call
                 for views in zip(*(g[pos : pos + full].split(bs) for g in gathered)) if full else ():
-                    yield self._emit(list(views))
+                    yield self._emit(list(views), token)
                 if pos + full < n:  # only a piece's last chunk can leave a remainder
                     carry, have = [[g[pos + full :] for g in gathered]], n - pos - full
         if have:
-            yield self._emit([torch.cat(parts) for parts in zip(*carry)])
+            yield self._emit([torch.cat(parts) for parts in zip(*carry)], token)
 
-    def _emit(self, tensors: list[torch.Tensor]) -> Batch:
+    def _emit(self, tensors: list[torch.Tensor], token: object) -> Batch:
         if self._in_worker:
             tensors = _packed(tensors)
-        epoch, done = self._position
-        self._position = (epoch, done + 1)
+        if self._pass is token:  # an older iterator, or one that set_epoch has reset, counts no more
+            epoch, done = self._position
+            self._position = (epoch, done + 1)
         return tuple(tensors) if self.as_tuple else dict(zip(self.fields, tensors))
 
-    def _finish_epoch(self, epoch: int, num_workers: int) -> None:
-        self._position = (epoch + 1, 0)
+    def _finish_epoch(self, epoch: int, num_workers: int, token: object | None = None) -> None:
+        """End ``epoch`` for this consumer: the pass ``token`` (default: the current one)
+        delivered its share."""
+        if token is None or self._pass is token:
+            self._position = (epoch + 1, 0)
         with self._lock:
             if self._shared[0] != epoch:  # set_epoch was called meanwhile
                 return
@@ -697,8 +702,8 @@ def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """
     sizes = [t.numel() * t.element_size() for t in tensors]
     offsets, total = [], 0
-    for n in sizes:
-        total = -(-total // 8) * 8  # keep every field aligned for its dtype
+    for t, n in zip(tensors, sizes):
+        total = -(-total // t.element_size()) * t.element_size()  # each field aligned for its dtype (complex128: 16)
         offsets.append(total)
         total += n
     flat = torch.empty(total, dtype=torch.uint8)

@@ -463,6 +463,20 @@ def test_mixed_store_dict_batches(mixed_store, num_workers):
     assert_exactly_once(stream_ids(batches), rows)
 
 
+def test_workers_hand_over_fields_of_every_alignment(tmp_path):
+    """A worker packs a batch's fields into one storage: a complex128 field after one of
+    3 bytes a batch must still start on a multiple of 16 bytes."""
+    rows = 30
+    z = np.arange(rows) + 1j * np.arange(rows)
+    path = shardset.write(tmp_path / "s.zarr", {"a": np.arange(rows, dtype=np.int8), "z": z}, block_rows=7,
+                          progress=False).where
+    batches = load(ShardedDataset(path, 3, seed=2), 2)
+    assert sorted(np.concatenate([b["a"].numpy() for b in batches]).tolist()) == list(range(rows))
+    for batch in batches:
+        a = batch["a"].to(torch.float64)
+        assert torch.equal(batch["z"].real, a) and torch.equal(batch["z"].imag, a)
+
+
 def test_fields_select_and_order_dict_batches(mixed_store):
     rows = 503
     path = mixed_store(rows, 50)

@@ -355,3 +355,25 @@ def test_a_state_continues_only_the_consumer_that_took_it(id_store):
         with unittest.mock.patch("shardset.dataset.get_worker_info", return_value=info):
             iter(fresh)
     assert same_batches(list(fresh), list(ShardedDataset(path, BS, seed=7))[10:])  # the refusal kept the state
+
+
+def test_the_newest_pass_alone_moves_the_state(id_store):
+    """Of two live iterators, or of a pass that set_epoch or load_state_dict reset, only
+    the newest counts in state_dict; the older one goes on delivering (its rows are still
+    its epoch's) and ends without touching the state (it crashed with a TypeError, or
+    counted its batches into the new pass's)."""
+    path = id_store(N, 97)
+    ds = ShardedDataset(path, BS, seed=7)
+    old = iter(ds)
+    for _ in range(3):
+        next(old)
+    new = iter(ds)
+    for _ in range(2):
+        next(new)
+    next(old)
+    assert (ds.state_dict()["epoch"], ds.state_dict()["batches"]) == (0, 2)
+    ds.set_epoch(3)
+    next(new)
+    assert (ds.state_dict()["epoch"], ds.state_dict()["batches"]) == (3, 0)
+    list(old)
+    assert (ds.state_dict()["epoch"], ds.state_dict()["batches"], ds.epoch) == (3, 0, 3)
