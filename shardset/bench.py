@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import mmap
 import os
@@ -268,7 +269,7 @@ def _median(values: list[float | None]) -> dict[str, Any] | None:
 def run(path: str | os.PathLike = ".", size: int = 4 * 10**9, *, quick: bool = False, repeats: int | None = None,
         features: int = 16, batch_size: int = 1024, workers: int | None = None, naive_seconds: float | None = None,
         png: str | os.PathLike | None = "shardset-bench.png", log: Callable[[str], None] | None = print,
-        block_rows: int | None = None) -> dict[str, Any]:
+        block_rows: int | None = None, json_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Benchmark the storage at ``path`` (a directory) with a synthetic store of about
     ``size`` bytes, written in a scratch directory there that is removed at the end.
 
@@ -276,7 +277,8 @@ def run(path: str | os.PathLike = ".", size: int = 4 * 10**9, *, quick: bool = F
     naive reading (well under a minute); otherwise every figure is the median of
     ``repeats`` (3) runs. Returns the figures (GB/s, rows/s and the ratio to the raw disk
     figure of the same run); prints the table and saves the PNG unless ``log`` /
-    ``png`` is ``None``.
+    ``png`` is ``None``, and saves the result as JSON to ``json_path`` if given (the
+    directories of both are checked before the benchmark starts).
     """
     batch_size, features = check_int("batch_size", batch_size), check_int("features", features)
     repeats = check_int("repeats", repeats if repeats is not None else (1 if quick else 3))
@@ -288,6 +290,9 @@ def run(path: str | os.PathLike = ".", size: int = 4 * 10**9, *, quick: bool = F
     parent = Path(path)
     if not parent.is_dir():
         raise ValueError(f"{path} is not a directory")
+    for out in (png, json_path):
+        if out is not None:
+            _check_output(out)
     row_bytes = 4 * (features + 1)
     rows = max(1, size // row_bytes)
     if shutil.disk_usage(parent).free < 1.1 * rows * row_bytes + 64 * MiB:
@@ -341,10 +346,20 @@ def run(path: str | os.PathLike = ".", size: int = 4 * 10**9, *, quick: bool = F
     result = _summarize(runs, path, rows, features, batch_size, repeats, naive_seconds)
     if log is not None:
         log(format_table(result))
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(result, indent=2))
     if png is not None:
         plot(result, png)
         say(f"plot: {png}")
     return result
+
+
+def _check_output(path: str | os.PathLike) -> None:
+    directory = Path(path).parent
+    if not directory.is_dir():
+        raise ValueError(f"cannot save {path}: no directory {directory}")
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"cannot save {path}: directory {directory} is not writable")
 
 
 _RAW = {"write: generate_regression": "disk: sequential write + fsync"}

@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import sys
 import time
+import warnings
 from typing import Sequence
 
 import numpy as np
 
-from .errors import ShardsetError
+from .errors import ShardsetError, StoreFormatError
 from .format import DEFAULT_BLOCK_MB, check_int
 from .sparse import is_sparse
 from .store import COMPRESSIONS, BlockStore
@@ -79,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--compression", choices=COMPRESSIONS, default=None)
     g.add_argument("--no-checksum", action="store_true", help="store chunks without a crc32c checksum")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     g.add_argument("--part", type=_part, default=None, metavar="I/K",
                    help="write only the blocks b with b %% K == I (0 <= I < K); run K such writers to split the work")
     g.add_argument("--dask", metavar="ADDRESS", default=None,
@@ -137,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--compression", choices=COMPRESSIONS, default=None)
     s.add_argument("--no-checksum", action="store_true", help="store chunks without a crc32c checksum")
     s.add_argument("--overwrite", action="store_true", help="replace an existing DST")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     _add_storage_option(s)
 
     q = sub.add_parser("quality", help="measure how well one epoch of the reader is shuffled")
@@ -203,8 +205,12 @@ def _size(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": _generate, "info": _info, "read": _read, "train": _train, "bench": _bench, "shuffle": _shuffle,
-                "quality": _quality, "verify": _verify}[args.command](args)
+        with warnings.catch_warnings():
+            # said once in docs/format.md, not on every command run on an lz4 store
+            warnings.filterwarnings("ignore", "Numcodecs codecs are not in the Zarr version 3 specification",
+                                    UserWarning)
+            return {"generate": _generate, "info": _info, "read": _read, "train": _train, "bench": _bench,
+                    "shuffle": _shuffle, "quality": _quality, "verify": _verify}[args.command](args)
     except (ShardsetError, ValueError, OSError) as exc:
         print(f"shardset: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -213,10 +219,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+# torch re-raises the error of a DataLoader worker with the worker's whole traceback as its message
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = str(exc)
+    worker = _WORKER_ERROR.match(text)
+    last = worker and re.match(rf"(?s).*^(?:[\w.]+\.)?{worker[1]}:?(.*)", text, re.M)
+    if last:  # keep the message of the traceback's last line, "module.Class: message"
+        text = last[1]
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def _generate(args) -> int:
@@ -229,11 +244,13 @@ def _generate(args) -> int:
         generate = generate_regression
     else:
         generate = functools.partial(generate_sparse_regression, nnz=args.nnz, zipf=args.zipf)
+    opts = _storage_options(args)
+    before = _complete_blocks(args.path, opts, args.overwrite)
     start = time.perf_counter()
     kw = dict(
         bias=args.bias, noise=args.noise, seed=args.seed, block_mb=args.block_mb, block_rows=args.block_rows,
         workers=args.workers, compression=args.compression, checksum=not args.no_checksum, overwrite=args.overwrite,
-        progress=False if args.quiet else None, part=args.part, storage_options=_storage_options(args),
+        progress=False if args.quiet else None, part=args.part, storage_options=opts,
     )
     if args.dask is None:
         store = generate(args.path, args.rows, args.features, **kw)
@@ -243,12 +260,31 @@ def _generate(args) -> int:
         with Client(args.dask) as client:
             store = generate(args.path, args.rows, args.features, scheduler="dask", client=client, **kw)
     if not args.quiet:
-        secs = time.perf_counter() - start
-        lay = store.layout
+        written = _written(store, before, time.perf_counter() - start, args.part)
         sparse = "" if args.nnz is None else f" ({args.nnz} per row)"
-        print(f"{args.path}: {lay.rows:,} rows x {args.features} features{sparse} in {lay.num_blocks} blocks, "
-              f"{lay.nbytes / 2**30:.2f} GiB in {secs:.1f} s ({lay.nbytes / 2**20 / secs:.0f} MiB/s)")
+        print(f"{args.path}: {store.layout.rows:,} rows x {args.features} features{sparse} in "
+              f"{store.layout.num_blocks} blocks, {written}")
     return 0
+
+
+def _complete_blocks(path: str, storage_options: dict, overwrite: bool) -> set[int]:
+    """The blocks of the store at ``path`` that a write there will not redo."""
+    if overwrite:
+        return set()
+    try:
+        return BlockStore.open(path, storage_options=storage_options).complete_blocks()
+    except StoreFormatError:  # no store yet, or none the write could resume
+        return set()
+
+
+def _written(store: BlockStore, before: set[int], secs: float, part: tuple[int, int] | None = None) -> str:
+    """The summary of what a run wrote: the blocks of ``store`` (of its ``part``) complete now and not ``before``."""
+    lay = store.layout
+    new = [b for b in store.complete_blocks() - before if part is None or b % part[1] == part[0]]
+    if not new:
+        return "already complete" if part is None else f"part {part[0]}/{part[1]} already complete"
+    nbytes = sum(lay.block_len(b) for b in new) * lay.row_bytes
+    return f"{len(new)} written: {nbytes / 2**30:.2f} GiB in {secs:.1f} s ({nbytes / 2**20 / secs:.0f} MiB/s)"
 
 
 def describe(store: BlockStore) -> dict:
@@ -323,13 +359,11 @@ def _train(args) -> int:
 
     def log(s) -> None:
         print(f"epoch {s.epoch}: loss {s.loss:.6f}, {s.rows:,} rows in {s.seconds:.2f} s, "
-              f"{s.rows_per_s:,.0f} rows/s ({s.rows_per_s * fit_row_bytes / 2**20:,.0f} MiB/s)", flush=True)
+              f"{s.rows_per_s:,.0f} rows/s ({s.mib_per_s:,.0f} MiB/s)", flush=True)
 
     opts = _storage_options(args)
-    layout = BlockStore.open(args.path, storage_options=opts).layout
-    fit_row_bytes = layout.row_bytes
     lr = {} if args.lr is None else {"lr": args.lr}
-    if is_sparse(layout):
+    if is_sparse(BlockStore.open(args.path, storage_options=opts).layout):
         return _train_sparse(args, lr, log, opts)
     fit = fit_linear_regression(
         args.path, epochs=args.epochs, batch_size=args.batch_size, **lr, workers=args.workers,
@@ -373,28 +407,26 @@ def _bench(args) -> int:
     except ImportError:
         print("shardset: no plot: matplotlib is not installed", file=sys.stderr)
         png = None
-    result = run(args.path, args.size, quick=args.quick, repeats=args.repeats, batch_size=args.batch_size,
-                 features=args.features, png=png, log=lambda s: print(s, flush=True))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    run(args.path, args.size, quick=args.quick, repeats=args.repeats, batch_size=args.batch_size,
+        features=args.features, png=png, json_path=args.json, log=lambda s: print(s, flush=True))
     return 0
 
 
 def _shuffle(args) -> int:
     from .shuffle import shuffle_store
 
+    opts = _storage_options(args)
+    before = _complete_blocks(args.dst, opts, args.overwrite)
     start = time.perf_counter()
     store = shuffle_store(
         args.src, args.dst, seed=args.seed, block_mb=args.block_mb, block_rows=args.block_rows, workers=args.workers,
         compression=args.compression, checksum=not args.no_checksum, overwrite=args.overwrite,
-        progress=False if args.quiet else None, tmp_dir=args.tmp_dir, storage_options=_storage_options(args),
+        progress=False if args.quiet else None, tmp_dir=args.tmp_dir, storage_options=opts,
         method=args.method, segments=args.segments,
     )
     if not args.quiet:
-        lay, secs = store.layout, time.perf_counter() - start
-        print(f"{args.dst}: {lay.rows:,} rows shuffled into {lay.num_blocks} blocks, {lay.nbytes / 2**30:.2f} GiB "
-              f"in {secs:.1f} s ({lay.nbytes / 2**20 / secs:.0f} MiB/s)")
+        written = _written(store, before, time.perf_counter() - start)
+        print(f"{args.dst}: {store.layout.rows:,} rows shuffled into {store.layout.num_blocks} blocks, {written}")
     return 0
 
 

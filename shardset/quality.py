@@ -82,15 +82,26 @@ class OrderQuality:
         return asdict(self)
 
 
-def _classes(labels: np.ndarray, classes: int | None) -> int:
+def _integers(labels: np.ndarray) -> np.ndarray:
     if labels.dtype.kind not in "iu":
         raise ArgumentError(f"labels must be integers, got {labels.dtype}")
-    if labels.size and int(labels.min()) < 0:
-        raise ArgumentError("labels must be >= 0")
-    top = int(labels.max()) + 1 if labels.size else 1
-    if classes is not None and classes < top:
-        raise ArgumentError(f"labels go up to {top - 1}, more than {classes} classes")
-    return top if classes is None else int(classes)
+    return labels
+
+
+def _classes(labels: np.ndarray, classes: int | None) -> tuple[np.ndarray, int]:
+    """``(ids, k)``: the labels as int64 class ids ``0..k-1``.
+
+    Without ``classes`` every distinct integer is a class, whatever its value
+    (timestamps, uint64); with it the labels must already be the ids ``0..classes-1``.
+    """
+    _integers(labels)
+    if classes is None:
+        values, ids = np.unique(labels, return_inverse=True)
+        return ids.astype(np.int64, copy=False), len(values)
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise ArgumentError(f"labels must lie in 0..{classes - 1} for {classes} classes, "
+                            f"got {labels.min()}..{labels.max()}")
+    return labels.astype(np.int64), int(classes)
 
 
 def _proportions(labels: np.ndarray, groups: np.ndarray, ngroups: int, classes: int) -> np.ndarray:
@@ -115,15 +126,14 @@ def batch_tv(labels: np.ndarray, batch_size: int, classes: int | None = None) ->
     >>> batch_tv(np.array([0, 0, 1, 1]), 2).tolist()
     [0.5, 0.5]
     """
-    labels = np.asarray(labels)
-    c = _classes(labels, classes)
+    labels, c = _classes(np.asarray(labels), classes)
     return 0.5 * np.abs(_full_batches(labels, batch_size, c) - _global(labels, c)).sum(axis=1)
 
 
 def label_vif(labels: np.ndarray, batch_size: int, classes: int | None = None) -> float:
     """Variance inflation of batch label proportions against a uniform shuffle (1 = uniform)."""
-    labels = np.asarray(labels)
-    c, n, b = _classes(labels, classes), len(labels), batch_size
+    labels, c = _classes(np.asarray(labels), classes)
+    n, b = len(labels), batch_size
     if n < 2 * b:
         raise ArgumentError(f"need at least two full batches, got {n} rows for batch size {b}")
     p = _global(labels, c)
@@ -134,8 +144,8 @@ def label_vif(labels: np.ndarray, batch_size: int, classes: int | None = None) -
 
 def drift_tv(labels: np.ndarray, classes: int | None = None, stretches: int = 100) -> np.ndarray:
     """TV distance to the global histogram of each of ``stretches`` consecutive equal parts."""
-    labels = np.asarray(labels)
-    c, n = _classes(labels, classes), len(labels)
+    labels, c = _classes(np.asarray(labels), classes)
+    n = len(labels)
     parts = min(stretches, n)
     groups = np.arange(n) * parts // max(n, 1)
     return 0.5 * np.abs(_proportions(labels, groups, parts, c) - _global(labels, c)).sum(axis=1)
@@ -193,8 +203,8 @@ def within_block_correlation(labels: np.ndarray, block_rows: int, classes: int |
     of ``m = block_rows`` rows.  1 for blocks of a single class, about 0 for a
     random order.
     """
-    labels = np.asarray(labels)
-    c, n = _classes(labels, classes), len(labels)
+    labels, c = _classes(np.asarray(labels), classes)
+    n = len(labels)
     nblocks = -(-n // block_rows)
     groups = np.arange(n) // block_rows
     q = _proportions(labels, groups, nblocks, c)
@@ -240,9 +250,8 @@ def order_quality(
     bins: int = 20,
 ) -> OrderQuality:
     """Every metric of the delivered order ``labels`` (and ``ids``, for the displacement ones)."""
-    labels = np.asarray(labels)
     b = check_int("batch_size", batch_size)
-    c = _classes(labels, classes)
+    labels, c = _classes(np.asarray(labels), classes)
     tv = batch_tv(labels, b, c)
     vif = label_vif(labels, b, c)
     parts = np.array_split(tv, min(bins, len(tv)))
@@ -316,15 +325,17 @@ def store_quality(
     edges = None
     if stored.dtype.kind == "f":
         stored, edges = quantile_labels(stored, bins)
+    values = np.unique(_integers(stored))  # refuses unusable labels before the epoch is read
     fields_read = [label] + ([id_field] if id_field else [])
     ds = ShardedDataset(path, batch_size, seed=seed, shuffle=shuffle, fields=fields_read, window_blocks=window_blocks,
                         slice_mb=slice_mb, storage_options=storage_options)
     ds.set_epoch(epoch)
     got = delivered(ds)
     labels = got[label].reshape(-1)
-    labels = quantile_labels(labels, edges=edges)[0] if edges is not None else labels.astype(np.int64)
+    if edges is not None:
+        labels = quantile_labels(labels, edges=edges)[0]
+    stored, labels, classes = np.searchsorted(values, stored), np.searchsorted(values, labels), len(values)
     ids = got[id_field].reshape(-1) if id_field else None
-    classes = _classes(stored, None)
     unit_rows = ds.unit_rows or store.layout.block_rows
     rho = within_block_correlation(stored, unit_rows, classes)
     return {

@@ -38,10 +38,15 @@ class EpochStats:
     loss: float
     rows: int
     seconds: float
+    row_bytes: int = 0  # of the fields read
 
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.rows_per_s * self.row_bytes / 2**20
 
 
 @dataclass
@@ -51,7 +56,7 @@ class FitResult:
     w_true: np.ndarray | None
     b_true: float | None
     epochs: list[EpochStats] = field(default_factory=list)
-    row_bytes: int = 0
+    row_bytes: int = 0  # of the fields read
 
     @property
     def w_error(self) -> float | None:
@@ -92,7 +97,7 @@ def fit_linear_regression(
     loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                         multiprocessing_context=worker_start_method(path) if workers else None)
     truth = true_parameters(BlockStore.open(path, storage_options=storage_options))
-    result = FitResult(np.empty(0), 0.0, *(truth or (None, None)), row_bytes=ds.layout.row_bytes)
+    result = FitResult(np.empty(0), 0.0, *(truth or (None, None)), row_bytes=_row_bytes(ds))
 
     def step(batch, epoch: int) -> tuple[torch.Tensor, int]:
         X, y = (t.float() for t in batch)  # the model is float32, whatever the store's dtype
@@ -108,9 +113,13 @@ def fit_linear_regression(
     return result
 
 
+def _row_bytes(ds: ShardedDataset) -> int:
+    return sum(ds.layout.fields[f].row_bytes for f in ds.fields)
+
+
 def _run_epochs(ds: ShardedDataset, loader, epochs: int, step, log) -> list[EpochStats]:
     """Call ``step(batch, epoch) -> (mean loss, rows)`` on every batch of ``epochs`` epochs."""
-    out = []
+    out, row_bytes = [], _row_bytes(ds)
     for epoch in range(epochs):
         ds.set_epoch(epoch)
         total, rows, start = torch.zeros(()), 0, time.perf_counter()
@@ -118,7 +127,7 @@ def _run_epochs(ds: ShardedDataset, loader, epochs: int, step, log) -> list[Epoc
             loss, n = step(batch, epoch)
             total += loss * n
             rows += n
-        out.append(EpochStats(epoch, float(total) / max(rows, 1), rows, time.perf_counter() - start))
+        out.append(EpochStats(epoch, float(total) / max(rows, 1), rows, time.perf_counter() - start, row_bytes))
         if log is not None:
             log(out[-1])
     return out
@@ -252,7 +261,7 @@ def fit_sparse_regression(
 
     result = SparseFitResult(
         np.empty(0), 0.0, *(None, None) if truth is None else (truth[0][:], truth[1]),
-        row_bytes=ds.layout.row_bytes, min_count=min_count,
+        row_bytes=_row_bytes(ds), min_count=min_count,
     )
     # One torch thread: a step is too small to split (two threads ran 4x slower on two busy cores,
     # where the reader's thread needs the other one); invariants off explicitly, else torch warns.

@@ -86,8 +86,8 @@ def test_metric_helpers_and_bad_input():
     assert adjacent_same_batch(np.array([3, 0, 1, 2]), 2) == (pytest.approx(1 / 3), pytest.approx(1 / 3))
     with pytest.raises(ValueError, match="integers"):
         batch_tv(np.array([0.5, 1.0]), 1)
-    with pytest.raises(ValueError, match=">= 0"):
-        batch_tv(np.array([-1, 1]), 1)
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.1 for 2 classes, got -1\.\.1"):
+        batch_tv(np.array([-1, 1]), 1, classes=2)
     with pytest.raises(ValueError, match="two full batches"):
         label_vif(np.arange(10), 8)
 
@@ -148,3 +148,28 @@ def test_label_and_id_fields_hold_one_value_a_row(tmp_path):
         store_quality(path, batch_size=8, label="y", id_field="pair")
     with pytest.raises(ValueError, match="label field 'pair' must hold one value per row"):
         store_quality(path, batch_size=8, label="pair")
+
+
+def test_any_integer_labels_are_classes():
+    """uint64, negative and sparse huge labels (timestamps) score as the same classes numbered 0..k-1."""
+    perm = np.random.default_rng(3).permutation(N)
+    dense = SORTED[perm]
+    values = [np.uint64(2**63) + np.arange(C, dtype=np.uint64) * np.uint64(2**40),
+              1_700_000_000_000 + np.arange(C, dtype=np.int64) * 10**9, np.arange(C) - C // 2]
+    expected = order_quality(dense, B, ids=perm).as_dict()
+    for v in values:
+        assert order_quality(v[dense], B, ids=perm).as_dict() == expected
+        assert within_block_correlation(v[SORTED], 1000) == within_block_correlation(SORTED, 1000)
+
+
+def test_store_quality_of_uint64_and_huge_integer_labels(tmp_path):
+    rows = 6000
+    dense = np.repeat(np.arange(6), rows // 6)
+    path = shardset.write(tmp_path / "labels.zarr", {
+        "label": dense, "u": np.uint64(2**63) + dense.astype(np.uint64) * np.uint64(2**40),
+        "ts": 1_700_000_000_000 + dense * 10**9,
+    }, block_rows=500, progress=False).where
+    expected = store_quality(path, 50, window_blocks=2, seed=1)
+    assert expected["classes"] == 6
+    for label in ("u", "ts"):
+        assert store_quality(path, 50, label=label, window_blocks=2, seed=1) == {**expected, "label": label}
