@@ -394,7 +394,7 @@ def writer_lock(
 
 
 def _local(store: str | os.PathLike) -> str:
-    return os.path.abspath(parse_url(store).local_path.rstrip("/"))
+    return os.path.realpath(parse_url(store).local_path.rstrip("/"))  # one lock whatever the spelling (symlinks)
 
 
 def _key(store: str | os.PathLike) -> tuple[str, int]:

@@ -419,8 +419,9 @@ class BlockStore:
             return 0
         count = 0
         for p in self.local_root.rglob("*.partial"):
-            p.unlink(missing_ok=True)
-            count += 1
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                count += 1
         return count
 
     def nbytes_stored(self) -> int:

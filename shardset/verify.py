@@ -141,7 +141,7 @@ def verify(
         report.faults = report.remaining = sorted(unrecorded + found, key=lambda f: f.block)
         if repair and report.faults:
             report.repaired, report.remaining = _repair(store, make, report.faults, deep, workers, progress, storage_options)
-    report.partial_files = sum(1 for _ in store.local_root.rglob("*.partial")) if store.local_root else 0
+    report.partial_files = sum(p.is_file() for p in store.local_root.rglob("*.partial")) if store.local_root else 0
     lock = WriterLock(store.local_root) if store.local_root is not None and not repair else None
     if lock is not None and os.path.exists(lock.path):
         report.writers = [o.describe() for o in lock.owners() if not o.is_stale()]

@@ -66,11 +66,12 @@ def layout_for(
     if (blocks := -(-rows // block_rows)) > MAX_BLOCKS:
         raise ArgumentError(f"{rows:,} rows in blocks of {block_rows:,} make {blocks:,} blocks, more than the "
                             f"{MAX_BLOCKS:,} a store may have; use larger blocks")
-    taken = sorted(set(fields) & RESERVED_NAMES)
-    bad = [k for k in fields if not k or "/" in k or k.startswith(".")]
+    taken = sorted(k for k in fields if isinstance(k, str) and k in RESERVED_NAMES)
+    bad = [k for k in fields if not isinstance(k, str) or not k or "/" in k or k.startswith(".") or k.endswith(".partial")]
     if taken or bad:
-        raise ArgumentError(f"field names {taken + bad} are not allowed: a name is not empty, has no '/', does not "
-                            f"start with '.', and is not one of the store's own ({', '.join(sorted(RESERVED_NAMES))})")
+        raise ArgumentError(f"field names {taken + bad} are not allowed: a name is a non-empty string, has no '/', "
+                            "does not start with '.' or end with '.partial' (the writer's temporary files), and is "
+                            f"not one of the store's own ({', '.join(sorted(RESERVED_NAMES))})")
     return Layout(rows, min(block_rows, rows), dict(fields), dict(generator or {}))
 
 

@@ -279,6 +279,14 @@ def test_a_stale_lock_is_recovered(tmp_path):
     assert store.missing_blocks() == [] and not Path(str(path) + LOCK_SUFFIX).exists()
 
 
+def test_a_writer_through_a_symlink_meets_the_lock_of_the_real_path(tmp_path):
+    path, link = tmp_path / "real.zarr", tmp_path / "link.zarr"
+    path.mkdir()
+    link.symlink_to(path)
+    with _held_elsewhere(path), pytest.raises(StoreLockedError, match="is being written by"):
+        shardset.generate_regression(link, rows=100, features=2, block_rows=10, workers=1, progress=False)
+
+
 def test_an_owner_on_another_host_or_a_reused_pid(tmp_path):
     path = tmp_path / "s.zarr"
     lock = Path(str(path) + LOCK_SUFFIX)
