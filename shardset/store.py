@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import contextlib
 import functools
 import json
 import os
@@ -173,6 +174,8 @@ class BlockStore:
                 return cls(group, _infer_layout(group, where), where, foreign=True, storage_options=storage_options)
         except json.JSONDecodeError as exc:
             raise StoreFormatError(f"{where} has an array with a damaged zarr.json (not JSON: {exc})") from None
+        except PermissionError as exc:
+            raise StoreAccessError(f"cannot read {where}: {exc.strerror or exc}: {exc.filename}") from None
 
     @classmethod
     def create(
@@ -195,7 +198,13 @@ class BlockStore:
         if local is not None:
             _check_target(local, where, overwrite)
         if overwrite and local is not None and os.path.isdir(local):
-            shutil.rmtree(local)  # zarr's mode "w" empties an object-store prefix itself
+            try:
+                with contextlib.suppress(FileNotFoundError):  # first: a deletion cut short leaves no store behind
+                    os.remove(os.path.join(local, "zarr.json"))
+                shutil.rmtree(local)  # zarr's mode "w" empties an object-store prefix itself
+            except OSError as exc:
+                raise StoreAccessError(f"cannot delete the store at {where} to replace it ({exc.strerror or exc}: "
+                                       f"{exc.filename}); remove it yourself or choose another path") from None
         target = open_store(path, storage_options)
         try:
             # The attributes come first: from its first moment the group says it is an
@@ -771,6 +780,9 @@ def _check_target(local: str, where: str, overwrite: bool) -> None:
             raise StoreFormatError(f"{where} is inside the shardset store {parent}; choose a path outside it")
     if not (overwrite and os.path.isdir(local)):
         return
+    if os.path.islink(local):
+        raise StoreFormatError(f"{where} is a symbolic link; overwrite replaces a store only, so give the path it "
+                               "points to, or remove the link")
     if not os.path.isfile(os.path.join(local, "zarr.json")) and not holds_only_temporaries(local):
         raise StoreFormatError(f"{where} is a directory that is not a Zarr store; overwrite replaces a store only, "
                                "so remove the directory yourself or choose another path")

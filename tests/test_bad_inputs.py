@@ -62,6 +62,8 @@ class Env:
     damaged: str = ""
     noweights: str = ""
     big: str = ""
+    link: str = ""
+    fieldsecret: str = ""
 
     def new(self) -> str:
         return tempfile.mkdtemp(dir=self.root) + "/s.zarr"
@@ -207,6 +209,10 @@ ROWS = [
         "its weights params/w cannot be read", ["verify", "{noweights}", "--deep"], "cannot be read"),
     Row("directory-not-writable", lambda e: gen(e, e.ro + "/s.zarr"), StoreAccessError, "Permission denied",
         ["generate", "{ro}/s.zarr", *G[2:]], "Permission denied", unprivileged=True),
+    Row("overwrite-a-link", lambda e: gen(e, e.link, overwrite=True), StoreFormatError,
+        "is a symbolic link; overwrite replaces a store only", ["generate", "{link}", *G[2:], "--overwrite"], "symbolic link"),
+    Row("field-not-readable", lambda e: ds(e, e.fieldsecret), StoreAccessError, "cannot read .*Permission denied.*X",
+        ["info", "{fieldsecret}"], "Permission denied", unprivileged=True),
     Row("store-not-readable", lambda e: ds(e, e.secret), StoreAccessError, "cannot read .*Permission denied",
         ["info", "{secret}"], "Permission denied", unprivileged=True),
     Row("not-a-shardset-group", lambda e: ds(e, e.plain), StoreFormatError, "chunked along more than rows",
@@ -298,6 +304,12 @@ def env() -> Env:
     e.big = str(root / "big.zarr")  # blocks of 4 TiB, marked complete and never written
     big = BlockStore.create(e.big, Layout(rows=2**32, block_rows=2**30, fields={"x": FieldSpec("float32", (1024,))}))
     big.mark_complete(range(4))
+    e.link = str(root / "link.zarr")  # a symbolic link to a copy of the store
+    shutil.copytree(e.store, root / "linked.zarr")
+    os.symlink(root / "linked.zarr", e.link)
+    e.fieldsecret = str(root / "fieldsecret.zarr")  # one field's directory only root may read
+    shutil.copytree(e.store, e.fieldsecret)
+    os.chmod(Path(e.fieldsecret, "X"), 0o700)
     e.noweights = str(root / "noweights.zarr")
     shutil.copytree(e.store, e.noweights)
     shutil.rmtree(Path(e.noweights, "params", "w"))
