@@ -67,7 +67,7 @@ from .permutation import FeistelPermutation
 from .segment_shuffle import SegmentSource, plan_for
 from .store import BlockStore, _writev_all, fadvise
 from .urls import REMOTE_SCHEMES, parse_url, worker_start_method
-from .writer import (WrittenBlocks, _die_with_parent, _resolve_workers, block_arrays, filled, layout_for,
+from .writer import (WrittenBlocks, _die_with_parent, _os_errors, _resolve_workers, block_arrays, filled, layout_for,
                      open_for_writing, write_blocks)
 
 __all__ = ["SHUFFLE_NAME", "shuffle_store", "write_shuffled", "shuffled_position", "shuffle_rss_budget"]
@@ -176,7 +176,8 @@ def _shuffled(path, layout: Layout, scatter: Callable[["_Buckets", int, bool], N
         while True:
             if not resumed:
                 buckets.begin()
-                scatter(buckets, seed, _show(progress))
+                with _os_errors(store):  # the buckets fill the disk first: a full disk is the writer's error
+                    scatter(buckets, seed, _show(progress))
             try:
                 store = write_blocks(
                     path, layout, buckets, workers=workers, compression=compression, checksum=checksum,

@@ -56,6 +56,7 @@ from .errors import (
     IncompleteStoreError,
     StoreAccessError,
     StoreFormatError,
+    StoreIOError,
     StoreNotFoundError,
 )
 from .format import ATTRS_KEY, SLICE_TABLE, FieldSpec, Layout, ranges_to_blocks, slice_rows_for
@@ -214,23 +215,29 @@ class BlockStore:
             raise StoreFormatError(f"{where} already exists; pass overwrite=True (--overwrite) to replace it") from None
         except OSError as exc:
             raise StoreFormatError(f"cannot create a store at {where}: {exc.strerror or exc}") from None
-        for name, spec in layout.fields.items():
-            dtype = np.dtype(spec.dtype)
-            group.create_array(
-                name,
-                shape=(layout.rows, *spec.shape),
-                chunks=(layout.block_rows, *spec.shape),
-                dtype=dtype,
-                serializer=BytesCodec(endian="little") if dtype.itemsize > 1 else BytesCodec(endian=None),
-                compressors=compressors,
-                fill_value=_fill_value(dtype),
-            )
-        if layout.slice_rows is not None:
-            group.create_array(
-                SLICE_TABLE, shape=(layout.num_blocks, len(layout.fields), layout.slices_per_block),
-                chunks=(1, len(layout.fields), layout.slices_per_block), dtype=np.uint32,
-                serializer=BytesCodec(endian="little"), compressors=[Crc32cCodec()], fill_value=0,
-            )
+        try:  # a full disk here is the writer's error too, not a raw OSError
+            for name, spec in layout.fields.items():
+                dtype = np.dtype(spec.dtype)
+                group.create_array(
+                    name,
+                    shape=(layout.rows, *spec.shape),
+                    chunks=(layout.block_rows, *spec.shape),
+                    dtype=dtype,
+                    serializer=BytesCodec(endian="little") if dtype.itemsize > 1 else BytesCodec(endian=None),
+                    compressors=compressors,
+                    fill_value=_fill_value(dtype),
+                )
+            if layout.slice_rows is not None:
+                group.create_array(
+                    SLICE_TABLE, shape=(layout.num_blocks, len(layout.fields), layout.slices_per_block),
+                    chunks=(1, len(layout.fields), layout.slices_per_block), dtype=np.uint32,
+                    serializer=BytesCodec(endian="little"), compressors=[Crc32cCodec()], fill_value=0,
+                )
+        except OSError as exc:
+            err = StoreIOError(f"creating {where} failed: {exc.strerror or exc}; fix the cause and rerun with "
+                               "overwrite=True (--overwrite)")
+            err.errno = exc.errno
+            raise err from None
         bs = cls(group, layout, where, storage_options=storage_options)
         bs._sync_metadata()
         return bs

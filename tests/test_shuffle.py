@@ -289,3 +289,21 @@ def test_another_input_or_output_never_takes_over_a_shuffle_left_unfinished(tmp_
     assert sorted(columns(got.where)["v"].tolist()) == list(range(1000, 1400))
     with pytest.raises(StoreFormatError, match="different"):
         shuffle_store(b, tmp_path / "a" / "out.zarr", workers=1, progress=False)
+
+
+def test_a_full_disk_during_the_scatter_fails_in_one_line_and_the_rerun_finishes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from test_crash import _failing
+
+    from shardset.store import _writev_all
+
+    src = shardset.write(tmp_path / "src.zarr", {"v": np.arange(4000)}, block_rows=500, progress=False).where
+    args = ["shuffle", src, str(tmp_path / "out.zarr"), "--workers", "1", "--quiet"]
+    with monkeypatch.context() as m:  # the buckets' writes (the scatter's) hit a full disk
+        m.setattr("shardset.shuffle._writev_all", _failing(_writev_all, errno.ENOSPC, after=3))
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "rerun to resume" in err[0], err
+    assert main(args) == 0
+    assert sorted(columns(tmp_path / "out.zarr")["v"].tolist()) == list(range(4000))

@@ -240,3 +240,17 @@ def test_malformed_attributes_are_a_format_error(tmp_path, change, match):
     group.attrs["shardset"] = {**group.attrs["shardset"], **change}
     with pytest.raises(StoreFormatError, match=match):
         BlockStore.open(path)
+
+
+def test_a_full_disk_while_the_arrays_are_created_is_a_one_line_error(tmp_path, monkeypatch):
+    import errno
+
+    from shardset.errors import StoreIOError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(zarr.Group, "create_array", full)
+    with pytest.raises(StoreIOError, match="creating .*s.zarr failed: No space left on device; .*overwrite") as err:
+        shardset.write(tmp_path / "s.zarr", {"x": np.zeros(4)}, progress=False)
+    assert err.value.errno == errno.ENOSPC
