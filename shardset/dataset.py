@@ -197,13 +197,17 @@ class ShardedDataset(IterableDataset):
         epoch = check_int("epoch", epoch, 0)
         if epoch >= 2**63:
             raise ArgumentError(f"epoch must be below 2**63, got {epoch}")
-        if epoch == self.epoch and self._position is None and (self._resume_at or self._remaining is not None):
+        if epoch == self._resume_epoch and self._position is None:
             return
         self._start_epoch(epoch)
 
     def _start_epoch(self, epoch: int) -> None:
         with self._lock:
             self._shared[0], self._shared[1] = epoch, 0
+        self._forget_position()
+
+    def _forget_position(self) -> None:
+        """Drop this consumer's place in the stream (its pass, a loaded state)."""
         self._position, self._pass, self._resume_at, self._resume_epoch, self._remaining = None, None, 0, None, None
 
     def _unit_rows(self, store: BlockStore, slice_mb: float | None) -> int | None:
@@ -297,7 +301,9 @@ class ShardedDataset(IterableDataset):
             # A consumer that had handed out its whole share never moves the epoch back: a
             # StatefulDataLoader restored from a checkpoint taken at an epoch's end loads it
             # into workers that run beside those of the next epoch (set with set_epoch).
-            if not (batches == last - first and self.epoch > epoch):
+            if batches == last - first and self.epoch > epoch:
+                self._forget_position()
+            else:
                 self._start_epoch(epoch)
             self._resume_epoch, self._resume_at, self._resume_for = epoch, batches, (worker, workers)
             self._remaining = None if left is None else (epoch, left)
@@ -316,7 +322,7 @@ class ShardedDataset(IterableDataset):
                                  None if s.get("remaining") is None else tuple(map(tuple, s["remaining"]))),
                   int(s.get("worker", 0)), workers, int(s["batches"])) for s in states]
         self._start_epoch(epoch)
-        self._remaining = (epoch, undelivered(plans))
+        self._resume_epoch, self._resume_for, self._remaining = epoch, self._consumer, (epoch, undelivered(plans))
 
     def global_state_dict(self) -> list[dict[str, Any]]:
         """The states of every rank (gathered over ``torch.distributed`` when it is

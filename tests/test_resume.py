@@ -377,3 +377,24 @@ def test_the_newest_pass_alone_moves_the_state(id_store):
     assert (ds.state_dict()["epoch"], ds.state_dict()["batches"]) == (3, 0)
     list(old)
     assert (ds.state_dict()["epoch"], ds.state_dict()["batches"], ds.epoch) == (3, 0, 3)
+
+
+def test_a_finished_pass_loaded_where_the_next_epoch_is_set_leaves_it_set(id_store):
+    """A state whose consumer had delivered its whole share of epoch 0, loaded where epoch 1
+    is already set, neither moves the epoch back nor keeps set_epoch(1) from starting it."""
+    path = id_store(N, 97)
+    ref = ShardedDataset(path, BS, seed=7)
+    first, second = list(ref), list(ref)
+    done = ShardedDataset(path, BS, seed=7)
+    assert same_batches(list(itertools.islice(done, len(done))), first)
+    state = done.state_dict()
+    for again in (True, False):
+        ds = ShardedDataset(path, BS, seed=7)
+        ds.set_epoch(1)
+        ds.load_state_dict(state)
+        assert ds.epoch == 1
+        if again:  # the training loop's set_epoch starts epoch 1
+            ds.set_epoch(1)
+        else:  # the loaded pass ends at once, and the next one is epoch 1
+            assert list(ds) == []
+        assert same_batches(list(ds), second)
