@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from .errors import ArgumentError, StoreAccessError, StoreFormatError, StoreLockedError
+from .store import refuse_inside_a_store
 from .urls import StoreURL, open_store, parse_url, remote_errors
 
 __all__ = [
@@ -374,6 +375,7 @@ def writer_lock(
         return
     if url.is_local:
         lock = WriterLock(store, part)
+        refuse_inside_a_store(lock.local, os.fspath(store))  # before its directory is made there
         try:
             os.makedirs(os.path.dirname(lock.local), exist_ok=True)
         except OSError as exc:

@@ -782,9 +782,7 @@ def _check_target(local: str, where: str, overwrite: bool) -> None:
     shardset store (whose files it would delete)."""
     if os.path.exists(local) and not os.path.isdir(local):
         raise StoreFormatError(f"{where} is a file, not a store; remove it or choose another path")
-    for parent in Path(os.path.realpath(local)).parents:
-        if _is_shardset_dir(parent):
-            raise StoreFormatError(f"{where} is inside the shardset store {parent}; choose a path outside it")
+    refuse_inside_a_store(local, where)
     if not (overwrite and os.path.isdir(local)):
         return
     if os.path.islink(local):
@@ -797,6 +795,13 @@ def _check_target(local: str, where: str, overwrite: bool) -> None:
     if inner is not None:
         raise StoreFormatError(f"{where} holds the shardset store {inner}, which overwrite would delete; remove it "
                                "yourself or choose another path")
+
+
+def refuse_inside_a_store(local: str | os.PathLike, where: str) -> None:
+    """Raise :class:`StoreFormatError` if the path ``local`` lies inside a shardset store."""
+    for parent in Path(os.path.realpath(local)).parents:
+        if _is_shardset_dir(parent):
+            raise StoreFormatError(f"{where} is inside the shardset store {parent}; choose a path outside it")
 
 
 def holds_only_temporaries(local: str | os.PathLike) -> bool:

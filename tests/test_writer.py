@@ -245,6 +245,9 @@ def test_overwrite_deletes_only_a_store_and_never_one_around_or_inside_the_sourc
         shardset.shuffle_store(src, tmp_path / "data", overwrite=True, progress=False)
     with pytest.raises(StoreFormatError, match="inside the shardset store"):  # one of the source's own arrays
         shardset.shuffle_store(src, src / "X", overwrite=True, progress=False)
+    with pytest.raises(StoreFormatError, match="inside the shardset store"):  # a new folder inside the source
+        shardset.shuffle_store(src, src / "sub" / "out.zarr", progress=False)
+    assert not (src / "sub").exists()  # not even its lock's directory was made there
     assert shardset.verify(src, workers=1).ok
     outer = tmp_path / "project.zarr"  # a plain Zarr group that holds a shardset store
     zarr.open_group(outer, mode="w")
