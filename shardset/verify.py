@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -156,6 +157,11 @@ def _repair(store, make: RegressionBlocks, faults, deep, workers, progress, stor
     with metadata_mutex(store.where):  # a crash from here on leaves them listed as missing, never as good
         writable.mark_incomplete(bad)
     writable.remove_partials()
+    for block in bad:  # a directory in a chunk's place, which no rewrite can replace
+        for name in writable.layout.fields:
+            chunk = writable.chunk_path(name, block)
+            if chunk is not None and chunk.is_dir():
+                shutil.rmtree(chunk)
     write_some_blocks(writable, make, bad, workers=workers, progress=progress)
     remaining, _ = _check(writable, bad, deep, workers, progress, storage_options)
     still = {f.block for f in remaining}

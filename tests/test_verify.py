@@ -142,6 +142,17 @@ def test_unrecorded_blocks_are_faults_and_repair_finishes_them(pristine, tmp_pat
     assert _files(path) == _files(pristine["crc"])
 
 
+def test_repair_clears_a_directory_where_a_chunk_should_be(pristine, tmp_path):
+    """A directory in a chunk's place is a fault like any other: the repair removes it
+    (the rewrite failed with "Is a directory" and left the block unrecorded)."""
+    path = _copy(pristine, "crc", tmp_path)
+    _chunk(path, "X", 3).unlink()
+    (_chunk(path, "X", 3) / "junk").mkdir(parents=True)
+    assert [f.block for f in verify(path, workers=1).faults] == [3]
+    assert verify(path, repair=True, workers=1).repaired == [3]
+    assert _files(path) == _files(pristine["crc"])
+
+
 def test_deep_and_repair_need_a_generator(make_id_store):
     path = make_id_store(500, 100)
     assert verify(path, workers=1).ok
