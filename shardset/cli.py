@@ -343,7 +343,7 @@ def _read(args) -> int:
         ds, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0,
         multiprocessing_context=worker_start_method(args.path) if args.workers else None,
     )
-    row_bytes = sum(ds.layout.fields[f].row_bytes for f in ds.fields)
+    row_bytes = ds.row_bytes
     for epoch in range(args.epochs):
         start, rows = time.perf_counter(), 0
         for batch in loader:

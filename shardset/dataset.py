@@ -152,13 +152,13 @@ class ShardedDataset(IterableDataset):
         self.window = self._window(window_blocks, window_mb, per_block)
         if direct not in (True, False, "auto"):
             raise ArgumentError(f"direct must be True, False or 'auto', got {direct!r}")
-        self.direct = direct if direct != "auto" else self.layout.rows * self._row_bytes > _ram_bytes() / 2
+        self.direct = direct if direct != "auto" else self.layout.rows * self.row_bytes > _ram_bytes() / 2
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         plan = self._plan_for(0, self.rank, self.world_size, self.batch_size, self.drop_last, None)
         if plan.stream_rows < self.world_size:
             raise ArgumentError(f"{plan.stream_rows} rows cannot be split across {self.world_size} ranks")
         self.prefetch = min(self.prefetch, plan.num_blocks)  # reading further ahead than the stream holds buys nothing
-        slots, each, ram = plan.window + self.prefetch, plan.block_rows * self._row_bytes, _ram_bytes()
+        slots, each, ram = plan.window + self.prefetch, plan.block_rows * self.row_bytes, _ram_bytes()
         if slots * each > ram:
             unit = "blocks" if self.unit_rows is None else "slice units"
             raise ArgumentError(f"a window and read-ahead of {slots} x {each / 2**20:,.0f} MiB ({unit}) need "
@@ -175,9 +175,8 @@ class ShardedDataset(IterableDataset):
         self._buffers: _Buffers | None = None
         self._store_pid = os.getpid()
         self._position: tuple[int, int] | None = None  # (epoch, batches handed out) of this consumer
-        self._resume_at = 0  # batches to skip at the start of the next pass
-        self._resume_epoch: int | None = None  # the epoch of a loaded state, which that pass continues
-        self._resume_for = (0, 1)  # the (DataLoader worker, workers) whose pass _resume_at continues
+        # a loaded state that the next pass continues: (epoch, batches to skip, (DataLoader worker, workers))
+        self._loaded: tuple[int, int, tuple[int, int]] | None = None
         self._pass_end: tuple[int, int] | None = None  # _position once the current pass has handed out everything
         self._pass: object | None = None  # the current pass (the newest iterator): only it moves _position
         self._consumer = (0, 1)  # (DataLoader worker, workers) of the last pass
@@ -197,7 +196,7 @@ class ShardedDataset(IterableDataset):
         epoch = check_int("epoch", epoch, 0)
         if epoch >= 2**63:
             raise ArgumentError(f"epoch must be below 2**63, got {epoch}")
-        if epoch == self._resume_epoch and self._position is None:
+        if self._loaded is not None and epoch == self._loaded[0]:
             return
         self._start_epoch(epoch)
 
@@ -208,7 +207,7 @@ class ShardedDataset(IterableDataset):
 
     def _forget_position(self) -> None:
         """Drop this consumer's place in the stream (its pass, a loaded state)."""
-        self._position, self._pass, self._resume_at, self._resume_epoch, self._remaining = None, None, 0, None, None
+        self._position, self._pass, self._loaded, self._remaining = None, None, None, None
 
     def _unit_rows(self, store: BlockStore, slice_mb: float | None) -> int | None:
         """Rows of the plan's unit: ``None`` for whole blocks, else whole slices."""
@@ -217,7 +216,7 @@ class ShardedDataset(IterableDataset):
         check_positive("slice_mb", slice_mb)
         store.require_slices()
         sr = self.layout.slice_rows
-        unit = max(1, round(slice_mb * MIB / (sr * self._row_bytes))) * sr
+        unit = max(1, round(slice_mb * MIB / (sr * self.row_bytes))) * sr
         return None if unit >= self.layout.block_rows else unit
 
     def _units_of(self, blocks: set[int]) -> tuple[int, ...]:
@@ -231,7 +230,8 @@ class ShardedDataset(IterableDataset):
         return tuple(np.flatnonzero(ok[starts // lay.block_rows] & ok[ends // lay.block_rows]).tolist())
 
     @property
-    def _row_bytes(self) -> int:
+    def row_bytes(self) -> int:
+        """Bytes of one row of the fields read."""
         return sum(self.layout.fields[f].row_bytes for f in self.fields)
 
     def _window(self, blocks: int | None, mb: float | None, per_block: float) -> int:
@@ -241,7 +241,7 @@ class ShardedDataset(IterableDataset):
         if mb is None:  # one block's memory by default, however many units fill it
             return max(1, round((1 if blocks is None else check_int("window_blocks", blocks)) * per_block))
         check_positive("window_mb", mb)
-        return max(1, int(mb * MIB) // ((self.unit_rows or self.layout.block_rows) * self._row_bytes))
+        return max(1, int(mb * MIB) // ((self.unit_rows or self.layout.block_rows) * self.row_bytes))
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """This rank's :class:`EpochPlan` for ``epoch`` (default: the current one)."""
@@ -266,8 +266,8 @@ class ShardedDataset(IterableDataset):
         epoch continued with another world size."""
         if self._position is not None:
             (epoch, batches), (worker, workers) = self._position, self._consumer
-        elif self._resume_epoch is not None:  # a loaded state, not continued yet
-            epoch, batches, (worker, workers) = self._resume_epoch, self._resume_at, self._resume_for
+        elif self._loaded is not None:  # not continued yet
+            epoch, batches, (worker, workers) = self._loaded
         else:
             epoch, batches, (worker, workers) = self.epoch, 0, self._consumer
         left = self._remaining[1] if self._remaining is not None and self._remaining[0] == epoch else None
@@ -305,7 +305,7 @@ class ShardedDataset(IterableDataset):
                 self._forget_position()
             else:
                 self._start_epoch(epoch)
-            self._resume_epoch, self._resume_at, self._resume_for = epoch, batches, (worker, workers)
+            self._loaded = (epoch, batches, (worker, workers))
             self._remaining = None if left is None else (epoch, left)
             return
         if not states:
@@ -322,7 +322,7 @@ class ShardedDataset(IterableDataset):
                                  None if s.get("remaining") is None else tuple(map(tuple, s["remaining"]))),
                   int(s.get("worker", 0)), workers, int(s["batches"])) for s in states]
         self._start_epoch(epoch)
-        self._resume_epoch, self._resume_for, self._remaining = epoch, self._consumer, (epoch, undelivered(plans))
+        self._loaded, self._remaining = (epoch, 0, self._consumer), (epoch, undelivered(plans))
 
     def global_state_dict(self) -> list[dict[str, Any]]:
         """The states of every rank (gathered over ``torch.distributed`` when it is
@@ -360,8 +360,8 @@ class ShardedDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self._resume_at and (worker, num_workers) != self._resume_for:  # checked first: the state stays loaded
-            w, n = self._resume_for
+        epoch, skip, (w, n) = self._loaded or (None, 0, (worker, num_workers))
+        if skip and (worker, num_workers) != (w, n):  # checked first: the state stays loaded
             raise ArgumentError(f"this state continues DataLoader worker {w} of {n}, not worker {worker} of "
                                 f"{num_workers}: continue with num_workers={0 if n == 1 else n} (each worker with "
                                 "its own state), or load the states of every consumer (global_state_dict)")
@@ -372,11 +372,10 @@ class ShardedDataset(IterableDataset):
             # The last pass handed out all its batches but was never run to its end
             # (``islice(ds, len(ds))``): its epoch is over all the same.
             self._finish_epoch(self._position[0], self._consumer[1])
-        plan, self._resume_epoch = self.plan(self._resume_epoch), None
+        plan, self._loaded = self.plan(epoch), None
         self._consumer = (worker, num_workers)
         first, last = plan.worker_batches(worker, num_workers)
         self._pass_end = (plan.epoch, last - first)
-        skip, self._resume_at = self._resume_at, 0
         self._position, self._pass = (plan.epoch, skip), object()
         first = min(first + skip, last)
         return self._batches(plan, first, last, num_workers, self._pass)
@@ -406,7 +405,7 @@ class ShardedDataset(IterableDataset):
         """
         bs, have = self.batch_size, 0
         carry: list[list[torch.Tensor]] = []
-        chunk = max(1, GATHER_BYTES // (self._row_bytes * bs)) * bs
+        chunk = max(1, GATHER_BYTES // (self.row_bytes * bs)) * bs
         with contextlib.closing(_ahead(_gathered(reader, self.fields, bs, chunk))) as chunks:
             for gathered in chunks:
                 n, pos = len(gathered[0]), 0

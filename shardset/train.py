@@ -97,7 +97,7 @@ def fit_linear_regression(
     loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                         multiprocessing_context=worker_start_method(path) if workers else None)
     truth = true_parameters(BlockStore.open(path, storage_options=storage_options))
-    result = FitResult(np.empty(0), 0.0, *(truth or (None, None)), row_bytes=_row_bytes(ds))
+    result = FitResult(np.empty(0), 0.0, *(truth or (None, None)), row_bytes=ds.row_bytes)
 
     def step(batch, epoch: int) -> tuple[torch.Tensor, int]:
         X, y = (t.float() for t in batch)  # the model is float32, whatever the store's dtype
@@ -113,13 +113,9 @@ def fit_linear_regression(
     return result
 
 
-def _row_bytes(ds: ShardedDataset) -> int:
-    return sum(ds.layout.fields[f].row_bytes for f in ds.fields)
-
-
 def _run_epochs(ds: ShardedDataset, loader, epochs: int, step, log) -> list[EpochStats]:
     """Call ``step(batch, epoch) -> (mean loss, rows)`` on every batch of ``epochs`` epochs."""
-    out, row_bytes = [], _row_bytes(ds)
+    out, row_bytes = [], ds.row_bytes
     for epoch in range(epochs):
         ds.set_epoch(epoch)
         total, rows, start = torch.zeros(()), 0, time.perf_counter()
@@ -261,7 +257,7 @@ def fit_sparse_regression(
 
     result = SparseFitResult(
         np.empty(0), 0.0, *(None, None) if truth is None else (truth[0][:], truth[1]),
-        row_bytes=_row_bytes(ds), min_count=min_count,
+        row_bytes=ds.row_bytes, min_count=min_count,
     )
     # One torch thread: a step is too small to split (two threads ran 4x slower on two busy cores,
     # where the reader's thread needs the other one); invariants off explicitly, else torch warns.
