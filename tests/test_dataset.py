@@ -523,6 +523,35 @@ def test_batches_are_independent_copies(id_store, mixed_store, prefetch):
         assert same_batches(kept[1:], ref[1:])
 
 
+def test_kept_batches_survive_the_reuse_of_gather_arrays(id_store):
+    """Rows are gathered into arrays that are reused once no batch views them: batches
+    a consumer keeps are never overwritten by later rows, and a consumer that drops
+    its batches streams through a few arrays."""
+    path = id_store(96 * 30, 96)  # blocks of 6 whole batches: each block is one chunk
+    ref = list(ShardedDataset(path, BS, seed=2))
+    kept, later = [], set()
+    for i, batch in enumerate(ShardedDataset(path, BS, seed=2)):
+        if i < 12:  # the first two blocks' batches, kept to the end
+            kept.append(batch)
+        else:
+            later.add(batch[0].untyped_storage().data_ptr())
+        check_id_rows(batch)
+    assert same_batches(kept, ref[:12])
+    assert len(later) <= 6  # of 28 chunks
+
+
+def test_worker_batches_are_packed_into_one_shared_storage():
+    """A worker's batch is made in shared memory, so sending it copies nothing more."""
+    from shardset.dataset import _packed
+
+    tensors = [torch.arange(5, dtype=torch.int8), torch.arange(6, dtype=torch.float64).reshape(3, 2) * (1 + 2j)]
+    packed = _packed(tensors)
+    assert all(p.is_shared() for p in packed)
+    assert packed[0].untyped_storage().data_ptr() == packed[1].untyped_storage().data_ptr()
+    assert all(torch.equal(p, t) for p, t in zip(packed, tensors))
+    assert packed[1].data_ptr() % 16 == 0
+
+
 def test_an_abandoned_iterator_stops_its_threads(id_store):
     path = id_store(N, 97)
     ref = list(ShardedDataset(path, BS, seed=3, window_blocks=2))
