@@ -62,6 +62,12 @@ GATHER_BYTES = 8 << 20
 # interleaved one-off rounds on the idle machine: 0.68-0.73 GB/s with 8 reads, 0.65-0.67
 # with 16; 4 MiB units were even between 8 and 16).
 IO_THREADS, SLICE_IO_THREADS, SLICE_IO_BYTES = 4, 16, 64 << 20
+# Slice units of rows at least this wide are read into their slots as stored (an
+# O_DIRECT read lands there with no copy) and the window's gather takes their rows in
+# their random order; narrower rows are put in that order by the copy out of the
+# read buffer instead, so that a stage reads each unit in sequence (why and what
+# each costs: docs/design.md#shuffle-windows-as-staggered-stages).
+IN_PLACE_ROW_BYTES = 512
 
 
 class ShardedDataset(IterableDataset):
@@ -383,9 +389,10 @@ class ShardedDataset(IterableDataset):
         store = self._open()
         # Taken while in use, so a second live iterator gets buffers of its own.
         buffers, self._buffers = self._buffers, None
-        if buffers is None or buffers.key != (tuple(self.fields), plan.window + self.prefetch, self.unit_rows):
+        in_place = self.unit_rows is not None and self.row_bytes >= IN_PLACE_ROW_BYTES
+        if buffers is None or buffers.key != (tuple(self.fields), plan.window + self.prefetch, self.unit_rows, in_place):
             buffers = None  # free the old ones first
-            buffers = _Buffers(store, self.fields, plan.window + self.prefetch, self.unit_rows)
+            buffers = _Buffers(store, self.fields, plan.window + self.prefetch, self.unit_rows, in_place)
         reader = _BlockReader(store, plan, self.fields, plan.pieces(first, last), self.prefetch, self.on_error, buffers,
                               self.unit_rows is not None, self.direct)
         try:
@@ -469,16 +476,29 @@ class _Buffers:
     ``(slots, rows)`` row orders and 8 MiB gather chunks (``benchmarks/results/read.json``).
     """
 
-    def __init__(self, store: BlockStore, fields: list[str], slots: int, unit_rows: int | None = None) -> None:
+    def __init__(self, store: BlockStore, fields: list[str], slots: int, unit_rows: int | None = None,
+                 in_place: bool = False) -> None:
         layout = store.layout
-        self.key, self.slots = (tuple(fields), slots, unit_rows), slots
+        self.key, self.slots = (tuple(fields), slots, unit_rows, in_place), slots
         row_bytes = [layout.fields[f].row_bytes for f in fields]
+        self.in_place, self.align_rows = False, 1
         if unit_rows is None:  # room for a chunk file read with O_DIRECT, every slot of every field aligned for it
             need = max(-(-direct_nbytes(store.block_nbytes(f) + CRC_BYTES) // rb) for f, rb in zip(fields, row_bytes))
             step = math.lcm(*(DIRECT_ALIGN // math.gcd(DIRECT_ALIGN, rb) for rb in row_bytes))
             self.slot_rows = -(-need // step) * step
         else:
             self.slot_rows = unit_rows
+            if in_place:
+                # A unit's rows go to the row that puts the widest field's first byte where
+                # the file has it in a 4 KiB page (row_shift), with room around them for the
+                # aligned read; slots are a whole number of such steps, so each starts on a
+                # page (as the ring does).  Where that room is over a 16th of a unit (an
+                # awkward row width), the unit is copied in its row order instead.
+                widest = max(row_bytes)
+                step = DIRECT_ALIGN // math.gcd(DIRECT_ALIGN, widest)
+                need = step - 1 + unit_rows + -(-DIRECT_ALIGN // widest)
+                if need - unit_rows <= unit_rows // 16:
+                    self.in_place, self.align_rows, self.slot_rows = True, step, -(-need // step) * step
         self.raw = {f: aligned_buffer(slots * self.slot_rows * rb) for f, rb in zip(fields, row_bytes)}
         self.rings = {f: self.raw[f].view(layout.fields[f].dtype).reshape(slots * self.slot_rows, *layout.fields[f].shape)
                       for f in fields}
@@ -490,6 +510,11 @@ class _Buffers:
         """The raw bytes of ``slot`` of ``field`` (a buffer for ``BlockStore.read_block``)."""
         size = len(self.raw[field]) // self.slots
         return self.raw[field][slot * size : (slot + 1) * size]
+
+    def row_shift(self, first: int) -> int:
+        """Where in its slot a unit whose first row is row ``first`` of its block starts
+        (0 unless units are read in place)."""
+        return first % self.align_rows if self.in_place else 0
 
     def index_buffer(self) -> np.ndarray:
         """Room for one piece's gather index (a stage has at most a block's rows plus one per block)."""
@@ -511,12 +536,16 @@ class _BlockReader:
     rows in that order.  A block's slot is reused once the consumer is past the
     last stage that needs it.  Iterating yields ``(ring rows by field, gather
     index)`` per piece, in stream order.
+
+    Slice units of wide rows are read in place instead (``_Buffers.in_place``): as
+    stored, at a row of their slot that lets an ``O_DIRECT`` read land there, with
+    their row orders computed on the separate thread as for blocks.
     """
 
     def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], pieces, prefetch: int,
                  on_error: str, buffers: "_Buffers", slices: bool = False, direct: bool = False) -> None:
         self.store, self.plan, self.fields, self.on_error, self.slices = store, plan, fields, on_error, slices
-        self.direct = direct
+        self.direct, self.in_place = direct, buffers.in_place
         self.pieces: list[Piece] = list(pieces)
         self.window = plan.window
         self.buffers, self.rings, self.slot_rows = buffers, buffers.rings, buffers.slot_rows
@@ -544,6 +573,7 @@ class _BlockReader:
         # slot's row order is filled by a task on that single thread, so every later task
         # there sees it done.
         self.slot_by_visit = np.zeros(plan.num_blocks, np.int64)
+        self.shift_by_visit = np.zeros(plan.num_blocks, np.int64)  # the same for the rows' place in their slot
         self.order_error: BaseException | None = None
         self.indices: deque[Future] = deque()
         self.indexed = 0  # pieces whose gather index has been submitted
@@ -558,9 +588,10 @@ class _BlockReader:
         self.needed = deque(self.visits)  # visits still to load
         self.waited = self.freed = 0  # visits waited for / retired, as counts into self.visits
 
-    def _load(self, unit: int, slot: int) -> list[Future]:
-        """Start reading ``unit`` into ``slot``: one read per field, in flight together."""
-        if self.slices:
+    def _load(self, unit: int, slot: int, shift: int) -> list[Future]:
+        """Start reading ``unit`` into ``slot`` (its rows from row ``shift`` on): one read
+        per field, in flight together."""
+        if self.slices and not self.in_place:
             # A unit of slices is stored in the slot already in its row order (gathered in the
             # copy out of the read buffer), so the stages read each unit in sequence: 4-5x
             # cheaper than gathering random rows of 100+ units (a one-off timing here).
@@ -568,17 +599,21 @@ class _BlockReader:
         else:
             self.cpu.submit(self._order, unit, self.buffers.orders[slot])
             self._will_need(unit)  # every field's whole chunk is requested before the first read waits
-        return [self.io.submit(self._field_steps(unit, slot, f)) for f in self.fields]
+        return [self.io.submit(self._field_steps(unit, slot, f, shift)) for f in self.fields]
 
-    def _field_steps(self, unit: int, slot: int, field: str) -> Steps[None]:
-        """Read ``field`` of ``unit`` into ``slot`` (a slice unit: in the slot's row order)."""
+    def _field_steps(self, unit: int, slot: int, field: str, shift: int) -> Steps[None]:
+        """Read ``field`` of ``unit`` into ``slot``: a block as stored; a slice unit in
+        the slot's row order, or in place as stored from row ``shift`` on."""
         if not self.slices:
             self.store.read_block(field, unit, self.buffers.slot(field, slot), direct=self.direct)
             return
-        start = unit * self.plan.block_rows
-        order = self.buffers.orders[slot][: self.plan.block_size(unit)]
-        yield from self.store.read_rows_steps(field, start, start + len(order), self.buffers.slot(field, slot),
-                                              direct=self.direct, order=order)
+        start, rows, room = unit * self.plan.block_rows, self.plan.block_size(unit), self.buffers.slot(field, slot)
+        if self.in_place:
+            at = shift * self.store.layout.fields[field].row_bytes
+            yield from self.store.read_rows_steps(field, start, start + rows, room, direct=self.direct, at=at)
+            return
+        yield from self.store.read_rows_steps(field, start, start + rows, room, direct=self.direct,
+                                              order=self.buffers.orders[slot][:rows])
 
     def _wait(self, k: int) -> None:
         """Wait for the reads of visit ``k``; with ``on_error="skip"``, replace a unit
@@ -593,14 +628,15 @@ class _BlockReader:
             return
         if self.on_error != "skip":
             raise error
-        run_steps(self._substitute_steps(k, self.plan.block_at(k), self.slot_of[k], error))
+        slot, shift = self.slot_of[k], int(self.shift_by_visit[k])
+        run_steps(self._substitute_steps(k, self.plan.block_at(k), slot, shift, error))
 
-    def _read_steps(self, unit: int, slot: int) -> Steps[None]:
+    def _read_steps(self, unit: int, slot: int, shift: int) -> Steps[None]:
         """Read every field of ``unit`` into ``slot``, one after the other."""
-        if self.slices:
+        if self.slices and not self.in_place:
             self.plan.block_order(unit, self.buffers.orders[slot])
         for f in self.fields:
-            yield from self._field_steps(unit, slot, f)
+            yield from self._field_steps(unit, slot, f, shift)
 
     def _name(self, unit: int) -> str:
         if not self.slices:
@@ -616,16 +652,18 @@ class _BlockReader:
             for f in self.fields:
                 self.store.will_need(f, unit)
 
-    def _substitute_steps(self, k: int, block: int, slot: int, err: CorruptBlockError) -> Steps[None]:
-        """Fill ``slot`` with the next readable block of the visit order that has at
-        least as many rows, so batch counts stay equal on every rank."""
+    def _substitute_steps(self, k: int, block: int, slot: int, shift: int, err: CorruptBlockError) -> Steps[None]:
+        """Fill ``slot`` (from row ``shift`` on, where the failed block's rows were to go)
+        with the next readable block of the visit order that has at least as many rows,
+        so batch counts stay equal on every rank.  Its rows take the failed block's
+        row order where the reads do not order them."""
         plan = self.plan
         for j in range(1, plan.num_blocks):
             other = plan.block_at((k + j) % plan.num_blocks)
             if plan.block_size(other) < plan.block_size(block):
                 continue
             try:
-                yield from self._read_steps(other, slot)
+                yield from self._read_steps(other, slot, shift)
             except CorruptBlockError:
                 continue
             warnings.warn(f"skipping {self._name(block)}: {err}; its rows are replaced by those of "
@@ -637,9 +675,11 @@ class _BlockReader:
         plan = self.plan
         while self.free and self.needed:
             k, slot = self.needed.popleft(), self.free.pop()
+            unit = plan.block_at(k)
+            shift = self.buffers.row_shift(unit * plan.block_rows % self.store.layout.block_rows)
             self.slot_of[k] = slot
-            self.loads[k] = self._load(plan.block_at(k), slot)
-            self.slot_by_visit[k] = slot
+            self.loads[k] = self._load(unit, slot, shift)
+            self.slot_by_visit[k], self.shift_by_visit[k] = slot, shift
             for ahead in itertools.islice(self.needed, 2):  # the disk reads ahead of the buffers
                 self._will_need(plan.block_at(ahead))
         while self.indexed < len(self.pieces):
@@ -681,9 +721,9 @@ class _BlockReader:
         """Write the ring rows at positions ``firsts[j] ..`` of visit ``visits[j]``'s row
         order into column ``j`` of ``out`` (an ``EpochPlan.piece_index`` lookup)."""
         slots = self.slot_by_visit[visits]
-        base, orders = slots * self.slot_rows, self.buffers.orders
+        base, orders = slots * self.slot_rows + self.shift_by_visit[visits], self.buffers.orders
         m, w = out.shape
-        if self.slices:  # a slot holds its unit in its row order
+        if self.slices and not self.in_place:  # a slot holds its unit in its row order
             np.add(base + firsts, np.arange(m)[:, None], out=out, casting="unsafe")
         elif w <= 16:  # a few long runs: one add each, no temporaries
             for j, (slot, first) in enumerate(zip(slots.tolist(), firsts.tolist())):

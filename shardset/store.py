@@ -371,7 +371,7 @@ class BlockStore:
                                    "older shardset): read whole blocks, or rewrite it with `shardset shuffle`")
 
     def read_rows(self, name: str, start: int, stop: int, buffer: np.ndarray | None = None, *,
-                  direct: bool = False, order: np.ndarray | None = None) -> np.ndarray:
+                  direct: bool = False, order: np.ndarray | None = None, at: int = 0) -> np.ndarray:
         """Rows ``[start, stop)`` of field ``name`` (they may span blocks), reading only
         the checksummed slices that hold them and verifying each.  (:meth:`read_rows_steps`
         is the same read as steps for :class:`shardset.direct_io.AsyncDirectReads`.)
@@ -384,6 +384,10 @@ class BlockStore:
         many as wanted): the rows are verified as stored, then gathered into
         ``buffer`` in the pass that would otherwise copy them there, so a reader
         that shuffles them gets them in place, ready to be read in sequence.
+        ``at``: the byte of ``buffer`` where the rows go.  Without ``order``, a
+        direct read lands straight there, with no copy, when that byte lies at the
+        file offset's place in a 4 KiB page and the aligned span around the rows
+        fits in ``buffer``; the read may then overwrite ``buffer`` around the rows.
 
         >>> import numpy as np, tempfile, os
         >>> from shardset import write
@@ -391,10 +395,10 @@ class BlockStore:
         >>> s.read_rows("x", 3, 6).tolist(), s.read_rows("x", 3, 6, order=np.array([2, 0])).tolist()
         ([30, 40, 50], [50, 30])
         """
-        return run_steps(self.read_rows_steps(name, start, stop, buffer, direct=direct, order=order))
+        return run_steps(self.read_rows_steps(name, start, stop, buffer, direct=direct, order=order, at=at))
 
     def read_rows_steps(self, name: str, start: int, stop: int, buffer: np.ndarray | None = None, *,
-                        direct: bool = False, order: np.ndarray | None = None) -> Steps[np.ndarray]:
+                        direct: bool = False, order: np.ndarray | None = None, at: int = 0) -> Steps[np.ndarray]:
         """:meth:`read_rows` as a steps generator (:mod:`shardset.direct_io`): it yields
         its ``O_DIRECT`` reads to the driver that runs it."""
         lay, spec = self.layout, self.layout.fields[name]
@@ -403,7 +407,8 @@ class BlockStore:
             raise ArgumentError(f"rows [{start}, {stop}) are outside [0, {lay.rows})")
         rb = spec.row_bytes
         rows = stop - start if order is None else len(order)
-        out = np.empty(rows * rb, np.uint8) if buffer is None else buffer[: rows * rb]
+        room, at = (np.empty(rows * rb, np.uint8), 0) if buffer is None else (buffer, at)
+        out = room[at : at + rows * rb]
         parts = []  # (block, first row, last row) of each block the range touches
         pos = start
         while pos < stop:
@@ -412,13 +417,10 @@ class BlockStore:
             parts.append((block, first, first + end - pos))
             pos = end
         if order is None:
-            at = 0
             for block, first, last in parts:
-                dest = out[at : at + (last - first) * rb]
-                got = yield from self._slice_rows_steps(name, block, first, last, direct, dest)
-                if got is not dest:
-                    dest[:] = got
-                at += len(dest)
+                got = yield from self._slice_rows_steps(name, block, first, last, direct, room, at)
+                _place(got, room, at)
+                at += len(got)
         elif len(order) and not (0 <= order.min() and order.max() < stop - start):
             raise ArgumentError(f"order must hold indices into the {stop - start} rows read")
         elif len(parts) == 1:
@@ -623,17 +625,17 @@ class BlockStore:
         return table
 
     def _slice_rows_steps(self, name: str, block: int, first: int, last: int, direct: bool,
-                          dest: np.ndarray | None = None) -> Steps[np.ndarray]:
+                          room: np.ndarray | None = None, at: int = 0) -> Steps[np.ndarray]:
         """The verified bytes of rows ``[first, last)`` of ``block``: read straight into
-        ``dest`` when they are whole slices, else into a scratch buffer (the result
-        then views it until the next read)."""
+        ``room`` at byte ``at`` when they are whole slices, else into a scratch buffer
+        (the result then views it until the next read)."""
         lay = self.layout
         rb, sr = lay.fields[name].row_bytes, lay.slice_rows
         s0, s1 = first // sr, -(-last // sr)
         lead = (first - s0 * sr) * rb
-        whole = dest is not None and lead == 0 and last == s1 * sr
-        raw = yield from self._read_range_steps(name, block, s0 * sr * rb, (s1 - s0) * sr * rb, dest if whole else None,
-                                                direct)
+        whole = room is not None and lead == 0 and last == s1 * sr
+        raw = yield from self._read_range_steps(name, block, s0 * sr * rb, (s1 - s0) * sr * rb,
+                                                room if whole else None, at, direct)
         self.check_slices(name, block, raw, s0)
         return raw[lead : lead + (last - first) * rb]
 
@@ -649,10 +651,11 @@ class BlockStore:
             if crc32c.crc32c(raw[i * step : (i + 1) * step]) != expected[i]:
                 raise CorruptBlockError(f"{self._describe(name, block)} fails the crc32c of its slice {first + i}")
 
-    def _read_range_steps(self, name: str, block: int, offset: int, nbytes: int, dest: np.ndarray | None = None,
-                          direct: bool = False) -> Steps[np.ndarray]:
-        """The chunk's ``nbytes`` bytes from ``offset`` (one ranged read): in ``dest`` when
-        given, else in a scratch buffer (valid until the next read)."""
+    def _read_range_steps(self, name: str, block: int, offset: int, nbytes: int, room: np.ndarray | None = None,
+                          at: int = 0, direct: bool = False) -> Steps[np.ndarray]:
+        """The chunk's ``nbytes`` bytes from ``offset`` (one ranged read): in ``room`` at
+        byte ``at`` when given, else in a scratch buffer (valid until the next read)."""
+        dest = None if room is None else room[at : at + nbytes]
         path = self.chunk_path(name, block)
         if path is None:  # one ranged GET, streamed into place
             out = scratch_buffer(nbytes)[:nbytes] if dest is None else dest
@@ -669,13 +672,14 @@ class BlockStore:
         except OSError as exc:
             raise CorruptBlockError(f"{self._describe(name, block)} cannot be read: {exc.strerror or exc}") from None
         try:
-            got = (yield from _range_direct_steps(fd, offset, nbytes)) if direct else None
+            got = (yield from _range_direct_steps(fd, offset, nbytes, _aligned_span(room, at, offset, nbytes))) \
+                if direct else None
             if got is not None:
                 if len(got) < nbytes:
                     raise CorruptBlockError(f"{self._describe(name, block)} is shorter than expected")
                 if dest is None:
                     return got
-                dest[:] = got
+                _place(got, room, at)
                 return dest
             if hasattr(os, "posix_fadvise"):  # no readahead past the range: the next read is elsewhere
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -853,20 +857,40 @@ def _read_direct(fd: int, buffer: np.ndarray, want: int) -> int | None:
     return None if got is None else len(got)
 
 
-def _range_direct_steps(fd: int, offset: int, nbytes: int) -> Steps[np.ndarray | None]:
+def _range_direct_steps(fd: int, offset: int, nbytes: int, into: np.ndarray | None = None) -> Steps[np.ndarray | None]:
     """The ``nbytes`` bytes from ``offset`` of the file on ``fd``, read with ``O_DIRECT``:
-    the 4 KiB-aligned span around them goes into the driver's aligned buffer, and
-    the result views it (fewer bytes at the end of the file).  None where the
-    ordinary read should be used (the range is in the page cache, or the file
-    system refuses direct I/O)."""
+    the 4 KiB-aligned span around them goes into ``into`` (see :func:`_aligned_span`)
+    or else the driver's aligned buffer, and the result views it (fewer bytes at the
+    end of the file).  None where the ordinary read should be used (the range is in
+    the page cache, or the file system refuses direct I/O)."""
     if not hasattr(os, "O_DIRECT") or _page_cached(fd, nbytes, offset):
         return None
     start = offset - offset % DIRECT_ALIGN
-    got = yield from _direct_steps(fd, start, direct_nbytes(offset + nbytes - start))
+    got = yield from _direct_steps(fd, start, direct_nbytes(offset + nbytes - start), into)
     if got is None:
         return None
     lead = offset - start
     return got[lead : lead + max(0, min(nbytes, len(got) - lead))]
+
+
+def _aligned_span(room: np.ndarray | None, at: int, offset: int, nbytes: int) -> np.ndarray | None:
+    """The part of ``room`` that an ``O_DIRECT`` read of the aligned span around file
+    bytes ``[offset, offset + nbytes)`` fills when byte ``offset`` is to land at
+    ``room[at]``: None unless that byte lies at the offset's place in a 4 KiB page
+    and the span fits in ``room``."""
+    if room is None:
+        return None
+    lead = offset % DIRECT_ALIGN
+    begin, end = at - lead, at - lead + direct_nbytes(lead + nbytes)
+    if begin < 0 or end > len(room) or (room.ctypes.data + begin) % DIRECT_ALIGN:
+        return None
+    return room[begin:end]
+
+
+def _place(got: np.ndarray, room: np.ndarray, at: int) -> None:
+    """Copy ``got`` to ``room[at:]`` unless a read put it there already."""
+    if got.ctypes.data != room.ctypes.data + at:
+        room[at : at + len(got)] = got
 
 
 def _take_rows(raw: np.ndarray, order: np.ndarray, out: np.ndarray, row_bytes: int) -> None:

@@ -17,6 +17,8 @@ for stores a test only reads.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +26,31 @@ import numpy as np
 import pytest
 
 import shardset
+
+
+_SCRATCH = pytest.StashKey[tuple[str, str | None, dict[str, str | None]]]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Send the run's ``tempfile.mkdtemp()`` directories (the docstring examples make
+    one each) into one directory that the end of the run removes; pytest's own
+    ``tmp_path`` stays where it was (kept for the last runs, as usual)."""
+    root = tempfile.mkdtemp(prefix="shardset-tests-")
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "PYTEST_DEBUG_TEMPROOT")}
+    session.config.stash[_SCRATCH] = (root, tempfile.tempdir, saved)
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    os.environ["TMPDIR"] = tempfile.tempdir = root
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    root, tempdir, saved = session.config.stash[_SCRATCH]
+    tempfile.tempdir = tempdir
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def id_arrays(rows: int, features: int = 3) -> dict[str, np.ndarray]:

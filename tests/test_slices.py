@@ -12,6 +12,7 @@ from test_dataset import BS, N, _chunk, _damage, assert_ranks_split_once, batch_
 from test_resume import state_after
 
 from batches import same_batches
+from conftest import id_arrays
 from shardset import BlockStore, CorruptBlockError, ShardedDataset, StoreFormatError
 from shardset.format import slice_rows_for
 
@@ -217,3 +218,90 @@ def test_direct_slice_reads_give_the_same_stream(make_id_store):
     assert sorted(map(batch_key, workers)) == sorted(map(batch_key, list(ShardedDataset(path, BS, direct=False, **kw))))
     bs = BlockStore.open(path)
     np.testing.assert_array_equal(bs.read_rows("y", 1, N, direct=True), np.arange(1, N))
+
+
+# -- slice units of wide rows, read in place ------------------------------------------------------
+
+WIDE = [(1024, 97, 20), (256, 500, 130)]  # features, block rows, unit rows: 4 KiB rows; 1 KiB rows, units across blocks
+
+
+def wide_kw(features: int, unit: int, **kw) -> dict:
+    return dict(seed=5, slice_mb=unit * (4 * features + 8) / 2**20, window_blocks=3, **kw)
+
+
+@pytest.mark.parametrize("features, block_rows, unit", WIDE)
+@pytest.mark.parametrize("direct", [False, True])
+def test_wide_rows_are_read_in_place_into_the_same_stream(make_id_store, monkeypatch, features, block_rows, unit, direct):
+    """Units of rows of 512 bytes and more go into their slots as stored (an O_DIRECT
+    read lands there) and the gather puts them in their row order: the batches are
+    those of units copied in their row order, every field of every row intact."""
+    from shardset import dataset
+
+    path = make_id_store(N, block_rows, features=features)
+    kw = wide_kw(features, unit, direct=direct)
+    ds = ShardedDataset(path, BS, **kw)
+    assert ds.unit_rows == unit
+    evict(path)
+    got = [list(ds) for _ in range(2)]  # two epochs: slots reused across epochs
+    assert ds._buffers.in_place
+    monkeypatch.setattr(dataset, "IN_PLACE_ROW_BYTES", 1 << 30)
+    ordered = ShardedDataset(path, BS, **kw)
+    evict(path)
+    ref = [list(ordered) for _ in range(2)]
+    assert not ordered._buffers.in_place
+    for mine, theirs in zip(got, ref):
+        assert same_batches(mine, theirs)
+        for b in mine:
+            check_id_rows(b)
+    assert not np.array_equal(stream_ids(got[0]), stream_ids(got[1]))
+
+
+def test_wide_rows_in_place_deliver_exactly_once_across_ranks_and_workers(make_id_store):
+    features, block_rows, unit = WIDE[1]
+    path = make_id_store(N, block_rows, features=features)
+    evict(path)
+    assert_ranks_split_once(path, 2, 2, **wide_kw(features, unit, direct=True))
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_damaged_slice_of_wide_rows_is_skipped_on_request(make_id_store, direct):
+    features, block_rows, unit = WIDE[0]
+    path = make_id_store(N, block_rows, features=features)
+    _damage(_chunk(path, "X", 2, 2), "flip")
+    evict(path)
+    with pytest.raises(CorruptBlockError):
+        list(ShardedDataset(path, BS, **wide_kw(features, unit, direct=direct)))
+    evict(path)
+    with pytest.warns(RuntimeWarning, match=r"skipping rows \["):
+        batches = list(ShardedDataset(path, BS, on_error="skip", **wide_kw(features, unit, direct=direct)))
+    assert sum(len(b[1]) for b in batches) == N
+    for b in batches:
+        check_id_rows(b)
+
+
+@pytest.mark.parametrize("at_page, expect_in_place", [(True, True), (False, False)])
+def test_read_rows_lands_in_the_buffer_where_the_pages_line_up(make_id_store, monkeypatch, at_page, expect_in_place):
+    """``read_rows(..., at=)`` puts the rows at byte ``at`` of the buffer; an O_DIRECT
+    read lands there itself when ``at`` lies where the file offset does in a 4 KiB
+    page, else it is read aside and copied."""
+    from shardset import store as store_module
+    from shardset.memory import aligned_buffer
+
+    path = make_id_store(N, 500, features=1024)  # rows of X: 4 KiB
+    bs = BlockStore.open(path)
+    targets = []
+    real = store_module._direct_steps
+
+    def spy(fd, offset, nbytes, into=None):
+        targets.append(into)
+        return (yield from real(fd, offset, nbytes, into))
+
+    monkeypatch.setattr(store_module, "_direct_steps", spy)
+    room = aligned_buffer(64 * 4096)
+    at = 8 * 4096 + (0 if at_page else 1024)  # rows start on pages of the file
+    evict(path)
+    out = bs.read_rows("X", 3, 40, room, direct=True, at=at)
+    assert out.ctypes.data == room.ctypes.data + at
+    np.testing.assert_array_equal(out, id_arrays(40, 1024)["X"][3:])
+    assert len(targets) == 1
+    assert (targets[0] is not None and np.shares_memory(targets[0], room)) == expect_in_place
