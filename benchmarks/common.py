@@ -315,7 +315,6 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
-
 @contextlib.contextmanager
 def data_root(parent: str | os.PathLike | None, prefix: str) -> Iterator[Path]:
     """A fresh directory under ``parent`` (default /tmp/shardset-bench), removed at exit.

@@ -460,7 +460,6 @@ def _quality(args) -> int:
     return 0
 
 
-
 def _verify(args) -> int:
     from .verify import verify
 

@@ -917,8 +917,6 @@ def _direct_steps(fd: int, offset: int, nbytes: int, into: np.ndarray | None = N
     return None  # the file system wants another alignment
 
 
-
-
 def _page_cached(fd: int, size: int, start: int = 0) -> bool:
     """Whether the first, middle and last byte of the ``size`` bytes at ``start`` of
     the file on ``fd`` are in the page cache, probed with ``RWF_NOWAIT`` reads (which

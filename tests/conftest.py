@@ -16,6 +16,7 @@ for stores a test only reads.
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -35,7 +36,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Send the run's ``tempfile.mkdtemp()`` directories (the docstring examples make
     one each) into one directory that the end of the run removes; pytest's own
     ``tmp_path`` stays where it was (kept for the last runs, as usual)."""
+    multiprocessing.util.get_temp_dir()  # this process's own, which multiprocessing removes after this hook's end
     root = tempfile.mkdtemp(prefix="shardset-tests-")
+    os.chmod(root, 0o1777)  # as /tmp: tests run commands as an unprivileged user too
     saved = {k: os.environ.get(k) for k in ("TMPDIR", "PYTEST_DEBUG_TEMPROOT")}
     session.config.stash[_SCRATCH] = (root, tempfile.tempdir, saved)
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
