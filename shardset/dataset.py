@@ -545,7 +545,8 @@ class _BlockReader:
     def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], pieces, prefetch: int,
                  on_error: str, buffers: "_Buffers", slices: bool = False, direct: bool = False) -> None:
         self.store, self.plan, self.fields, self.on_error, self.slices = store, plan, fields, on_error, slices
-        self.direct, self.in_place = direct, buffers.in_place
+        self.direct = direct
+        self.ordered = slices and not buffers.in_place  # slots hold their units in their row order
         self.pieces: list[Piece] = list(pieces)
         self.window = plan.window
         self.buffers, self.rings, self.slot_rows = buffers, buffers.rings, buffers.slot_rows
@@ -591,7 +592,7 @@ class _BlockReader:
     def _load(self, unit: int, slot: int, shift: int) -> list[Future]:
         """Start reading ``unit`` into ``slot`` (its rows from row ``shift`` on): one read
         per field, in flight together."""
-        if self.slices and not self.in_place:
+        if self.ordered:
             # A unit of slices is stored in the slot already in its row order (gathered in the
             # copy out of the read buffer), so the stages read each unit in sequence: 4-5x
             # cheaper than gathering random rows of 100+ units (a one-off timing here).
@@ -608,12 +609,12 @@ class _BlockReader:
             self.store.read_block(field, unit, self.buffers.slot(field, slot), direct=self.direct)
             return
         start, rows, room = unit * self.plan.block_rows, self.plan.block_size(unit), self.buffers.slot(field, slot)
-        if self.in_place:
+        if self.ordered:
+            yield from self.store.read_rows_steps(field, start, start + rows, room, direct=self.direct,
+                                                  order=self.buffers.orders[slot][:rows])
+        else:
             at = shift * self.store.layout.fields[field].row_bytes
             yield from self.store.read_rows_steps(field, start, start + rows, room, direct=self.direct, at=at)
-            return
-        yield from self.store.read_rows_steps(field, start, start + rows, room, direct=self.direct,
-                                              order=self.buffers.orders[slot][:rows])
 
     def _wait(self, k: int) -> None:
         """Wait for the reads of visit ``k``; with ``on_error="skip"``, replace a unit
@@ -633,7 +634,7 @@ class _BlockReader:
 
     def _read_steps(self, unit: int, slot: int, shift: int) -> Steps[None]:
         """Read every field of ``unit`` into ``slot``, one after the other."""
-        if self.slices and not self.in_place:
+        if self.ordered:
             self.plan.block_order(unit, self.buffers.orders[slot])
         for f in self.fields:
             yield from self._field_steps(unit, slot, f, shift)
@@ -723,7 +724,7 @@ class _BlockReader:
         slots = self.slot_by_visit[visits]
         base, orders = slots * self.slot_rows + self.shift_by_visit[visits], self.buffers.orders
         m, w = out.shape
-        if self.slices and not self.in_place:  # a slot holds its unit in its row order
+        if self.ordered:  # a slot holds its unit in its row order
             np.add(base + firsts, np.arange(m)[:, None], out=out, casting="unsafe")
         elif w <= 16:  # a few long runs: one add each, no temporaries
             for j, (slot, first) in enumerate(zip(slots.tolist(), firsts.tolist())):
