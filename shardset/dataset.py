@@ -530,8 +530,8 @@ class _BlockReader:
     I/O threads (at most ``IO_THREADS``); slice units keep about
     ``SLICE_IO_BYTES`` of reads in flight, from one thread with Linux AIO when
     they are read with ``O_DIRECT`` from local files (:mod:`shardset.direct_io`).
-    Block row orders and each piece's gather index are computed on a separate
-    thread, so neither waits for the other (both release the GIL).  A slice
+    Block row orders, block checksums and each piece's gather index are computed
+    on a separate thread, so neither waits for the other (all release the GIL).  A slice
     unit's row order is computed when its load starts, and its reads store the
     rows in that order.  A block's slot is reused once the consumer is past the
     last stage that needs it.  Iterating yields ``(ring rows by field, gather
@@ -600,13 +600,40 @@ class _BlockReader:
         else:
             self.cpu.submit(self._order, unit, self.buffers.orders[slot])
             self._will_need(unit)  # every field's whole chunk is requested before the first read waits
-        return [self.io.submit(self._field_steps(unit, slot, f, shift)) for f in self.fields]
+        if self.slices:
+            return [self.io.submit(self._field_steps(unit, slot, f, shift)) for f in self.fields]
+        return [self._checked(self.io.submit(self._field_steps(unit, slot, f, shift, verify=False)), f, unit, slot)
+                for f in self.fields]
 
-    def _field_steps(self, unit: int, slot: int, field: str, shift: int) -> Steps[None]:
-        """Read ``field`` of ``unit`` into ``slot``: a block as stored; a slice unit in
-        the slot's row order, or in place as stored from row ``shift`` on."""
+    def _checked(self, read: Future, field: str, block: int, slot: int) -> Future:
+        """A future of ``read`` (of a whole block into ``slot``, unverified) that also has
+        the block's checksum checked, on the CPU thread once the bytes have arrived.
+
+        Checked on the I/O thread, a block's checksum held back the next block's read:
+        with one block read ahead, W = 1 read cold 128 MiB blocks (d = 256) at 0.68 of
+        ``O_DIRECT`` with the check there and 0.82 without it (medians of 6 epochs,
+        alternating, 2026-11-28).
+        """
+        checked: Future = Future()
+
+        def check() -> None:
+            try:
+                read.result()
+                self.store.check_block(field, block, self.buffers.slot(field, slot))
+            except BaseException as exc:
+                checked.set_exception(exc)
+            else:
+                checked.set_result(None)
+
+        read.add_done_callback(lambda _: self.cpu.submit(check))
+        return checked
+
+    def _field_steps(self, unit: int, slot: int, field: str, shift: int, verify: bool = True) -> Steps[None]:
+        """Read ``field`` of ``unit`` into ``slot``: a block as stored (its checksum left
+        to :meth:`_checked` without ``verify``); a slice unit in the slot's row order, or
+        in place as stored from row ``shift`` on."""
         if not self.slices:
-            self.store.read_block(field, unit, self.buffers.slot(field, slot), direct=self.direct)
+            self.store.read_block(field, unit, self.buffers.slot(field, slot), direct=self.direct, verify=verify)
             return
         start, rows, room = unit * self.plan.block_rows, self.plan.block_size(unit), self.buffers.slot(field, slot)
         if self.ordered:

@@ -317,7 +317,7 @@ class BlockStore:
         return aligned_buffer(direct_nbytes(self.block_nbytes(name) + CRC_BYTES))
 
     def read_block(self, name: str, block: int, buffer: np.ndarray | None = None, *,
-                   direct: bool = False) -> np.ndarray:
+                   direct: bool = False, verify: bool = True) -> np.ndarray:
         """The valid rows of ``block`` of field ``name``, verified.
 
         With ``buffer`` (from :meth:`new_buffer`) the result is a view into it and the
@@ -330,17 +330,38 @@ class BlockStore:
         :func:`shardset.memory.direct_nbytes` of the chunk file).  Otherwise (a
         cached chunk, a buffer that does not qualify, a file system without direct
         I/O such as tmpfs) it reads the ordinary way.  Errors are the same either way.
+
+        ``verify=False`` leaves the CRC-32C of a chunk read whole (a pass over its
+        bytes) to :meth:`check_block`, which the caller must run before using them:
+        a reader checks one block on another thread while the next one is read.
+        Sizes, and checksums computed while the bytes arrive, are checked anyway.
         """
         start, stop = self.layout.block_range(block)
         spec = self.layout.fields[name]
         path = self.chunk_path(name, block)
         if path is not None and self._raw[name] is not None:
-            raw = self._read_raw(name, block, path, buffer, direct)
+            raw = self._read_raw(name, block, path, buffer, direct, verify)
         elif self._raw[name] is not None:
-            raw = self._read_remote(name, block, buffer)
+            raw = self._read_remote(name, block, buffer, verify)
         else:
             raw = self._read_zarr(name, block, start, stop, buffer)
         return raw.view(spec.dtype).reshape(self.layout.block_rows, *spec.shape)[: stop - start]
+
+    def check_block(self, name: str, block: int, buffer: np.ndarray) -> None:
+        """Check ``block`` of field ``name``, as read into ``buffer`` by
+        ``read_block(..., verify=False)``, against its stored CRC-32C; raise
+        :class:`CorruptBlockError` if it differs.
+
+        >>> import numpy as np, tempfile, os
+        >>> from shardset import write
+        >>> s = write(os.path.join(tempfile.mkdtemp(), "c.zarr"), {"x": np.arange(10)}, block_rows=4, progress=False)
+        >>> buf = s.new_buffer("x")
+        >>> s.read_block("x", 1, buf, verify=False).tolist()
+        [4, 5, 6, 7]
+        >>> s.check_block("x", 1, buf)
+        """
+        if self._raw[name] is not None:
+            self._verified(name, block, buffer, self._chunk_nbytes(name))
 
     def write_block(self, block: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write every field of ``block`` and make it durable (the caller marks it complete)."""
@@ -484,18 +505,20 @@ class BlockStore:
             raise ArgumentError(f"buffer too small: {buffer.nbytes} < {want}")
         return buffer, want
 
-    def _verified(self, name: str, block: int, buffer: np.ndarray, want: int, crc: int | None = None) -> np.ndarray:
+    def _verified(self, name: str, block: int, buffer: np.ndarray, want: int, crc: int | None = None,
+                  verify: bool = True) -> np.ndarray:
         """The block's bytes in ``buffer``, after checking the stored crc32c (if any)
-        against ``crc``, the crc32c of the bytes if it was computed while they arrived."""
+        against ``crc``, the crc32c of the bytes if it was computed while they arrived
+        (without ``verify``, only then)."""
         data = buffer[: self.block_nbytes(name)]
-        if self._raw[name]:
+        if self._raw[name] and (verify or crc is not None):
             stored = int.from_bytes(buffer[want - CRC_BYTES : want].tobytes(), "little")
             if (crc32c.crc32c(data) if crc is None else crc) != stored:
                 raise CorruptBlockError(f"{self._describe(name, block)} fails its crc32c checksum")
         return data
 
     def _read_raw(self, name: str, block: int, path: Path, buffer: np.ndarray | None,
-                  direct: bool = False) -> np.ndarray:
+                  direct: bool = False, verify: bool = True) -> np.ndarray:
         buffer, want = self._raw_buffer(name, buffer)
         try:
             with open(path, "rb", buffering=0) as f:
@@ -511,9 +534,9 @@ class BlockStore:
         if got != want or extra:
             size = path.stat().st_size
             raise CorruptBlockError(f"{self._describe(name, block)} has {size} bytes, expected {want}")
-        return self._verified(name, block, buffer, want)
+        return self._verified(name, block, buffer, want, verify=verify)
 
-    def _read_remote(self, name: str, block: int, buffer: np.ndarray | None) -> np.ndarray:
+    def _read_remote(self, name: str, block: int, buffer: np.ndarray | None, verify: bool = True) -> np.ndarray:
         """Fetch a chunk from an object store straight into ``buffer``.
 
         A chunk of under 1.5 :attr:`read_part_bytes` (one range) is one GET whose body is
@@ -535,7 +558,7 @@ class BlockStore:
             else:
                 sizes = _fetch_ranges(self.group.store.store, key, buffer, want, self.read_part_bytes)
         self._check_sizes(name, block, sizes, want)
-        return self._verified(name, block, buffer, want, crc)
+        return self._verified(name, block, buffer, want, crc, verify)
 
     def _check_sizes(self, name: str, block: int, sizes: list[int | None], want: int) -> None:
         """Raise :class:`CorruptBlockError` unless every GET of the chunk (``sizes``, as

@@ -254,3 +254,24 @@ def test_a_full_disk_while_the_arrays_are_created_is_a_one_line_error(tmp_path, 
     with pytest.raises(StoreIOError, match="creating .*s.zarr failed: No space left on device; .*overwrite") as err:
         shardset.write(tmp_path / "s.zarr", {"x": np.zeros(4)}, progress=False)
     assert err.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_block_read_unverified_is_checked_by_check_block(make_id_store, direct):
+    """``read_block(..., verify=False)`` hands over the bytes and leaves their CRC-32C
+    to ``check_block``: the bytes of a damaged chunk come back, and the check fails."""
+    from test_dataset import _chunk, _damage
+
+    path = make_id_store(100, 32)
+    store = BlockStore.open(path)
+    good = store.new_buffer("X")
+    np.testing.assert_array_equal(store.read_block("X", 0, good, direct=direct, verify=False)[:, 0], np.arange(32))
+    store.check_block("X", 0, good)
+    _damage(_chunk(path, "X", 1, 2), "flip")
+    evict([_chunk(path, "X", 1, 2)])
+    bad = store.new_buffer("X")
+    assert store.read_block("X", 1, bad, direct=direct, verify=False).shape == (32, 3)
+    with pytest.raises(CorruptBlockError, match="crc32c"):
+        store.check_block("X", 1, bad)
+    with pytest.raises(CorruptBlockError, match="crc32c"):
+        store.read_block("X", 1, store.new_buffer("X"), direct=direct)
