@@ -39,7 +39,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 from collections import defaultdict
 from typing import Any, Callable, Iterator
 
@@ -193,11 +192,13 @@ class Timers:
 
 WAIT_KEY = "consumer: waits for the next block (next() on the block reader)"
 ORDER_KEY = "reader: block_order (row order inside the block)"
+READ_KEY = "reader: read_block (I/O thread; the reader leaves the crc32c to check_block)"
+CHECK_KEY = "reader: check_block (crc32c, on the row-order thread)"
 
 
 @contextlib.contextmanager
 def instrument(timers: Timers, per_batch: bool) -> Iterator[None]:
-    """Wrap the reader's per-block work (read_block, crc32c, block_order), the consumer's
+    """Wrap the reader's per-block work (read_block, check_block, block_order), the consumer's
     waits for the next block and, with ``per_batch``, the consumer's torch.index_select /
     torch.cat, in timers.  Patches only what exists (shardset's internals may change)."""
     import shardset.dataset as dsm
@@ -216,15 +217,11 @@ def instrument(timers: Timers, per_batch: bool) -> Iterator[None]:
 
         return wrapper
 
-    orig_read_block = stm.BlockStore.read_block
-    stm.BlockStore.read_block = timed("reader: read_block (read + crc32c)", orig_read_block)
-    undo.append(lambda: setattr(stm.BlockStore, "read_block", orig_read_block))
-    crc_mod = getattr(stm, "crc32c", None)
-    if crc_mod is not None and hasattr(crc_mod, "crc32c"):
-        proxy = types.SimpleNamespace(**{k: getattr(crc_mod, k) for k in dir(crc_mod) if not k.startswith("__")})
-        proxy.crc32c = timed("reader: crc32c", crc_mod.crc32c)
-        stm.crc32c = proxy
-        undo.append(lambda: setattr(stm, "crc32c", crc_mod))
+    for name, key in (("read_block", READ_KEY), ("check_block", CHECK_KEY)):
+        if callable(getattr(stm.BlockStore, name, None)):
+            orig = getattr(stm.BlockStore, name)
+            setattr(stm.BlockStore, name, timed(key, orig))
+            undo.append(lambda name=name, orig=orig: setattr(stm.BlockStore, name, orig))
     orig_order = plm.EpochPlan.block_order
     plm.EpochPlan.block_order = timed(ORDER_KEY, orig_order)
     undo.append(lambda: setattr(plm.EpochPlan, "block_order", orig_order))
@@ -635,14 +632,10 @@ def analyse(args, desc, setup, warm_runs, warm_load, profile_runs, cold_runs, na
         calls = {k: prof[0]["timers"].get(k, {}).get("calls") for k in keys}
         cons_keys = [k for k in keys if k.startswith("consumer")]
         remainder = [p["next_s"] - sum(p["timers"].get(k, {"seconds": 0})["seconds"] for k in cons_keys) for p in prof]
-        rd = "reader: read_block (read + crc32c)"
-        read_only = [p["timers"].get(rd, {"seconds": 0})["seconds"] - p["timers"].get("reader: crc32c", {"seconds": 0})["seconds"]
-                     for p in prof]
         breakdown["sharded_dataset"] = {
             "epoch_s": summarize([p["seconds"] for p in prof]),
             "timers": sd_t,
             "calls": calls,
-            "reader: read only (read_block - crc32c)": summarize(read_only),
             "consumer: next() total (DataLoader + _assemble)": summarize([p["next_s"] for p in prof]),
             "consumer: Python overhead per epoch (next() - gathers - cat - queue waits)": summarize(remainder),
             "consumer: Python overhead per batch, microseconds": summarize([1e6 * x / p["batches"] for x, p in zip(remainder, prof)]),
@@ -656,7 +649,6 @@ def analyse(args, desc, setup, warm_runs, warm_load, profile_runs, cold_runs, na
     if cold_runs:
         sd_gbs = [chunk_bytes / c["sd"]["seconds"] / GB for c in cold_runs]
         d_gbs = [c["direct"]["gb_per_s"] for c in cold_runs]
-        rd_key = "reader: read_block (read + crc32c)"
         cold = {
             "sd_gb_per_s_file_bytes": summarize(sd_gbs),
             "sd_rows_per_s": summarize([c["sd"]["rows"] / c["sd"]["seconds"] for c in cold_runs]),
@@ -669,8 +661,8 @@ def analyse(args, desc, setup, warm_runs, warm_load, profile_runs, cold_runs, na
             "read_block_only_gb_per_s": summarize([c["readblock"]["gb_per_s"] for c in cold_runs]),
             "ratio_read_block_only_over_o_direct": ratio_summary([c["readblock"]["gb_per_s"] for c in cold_runs], d_gbs),
             "sd_first_batch_s": summarize([c["sd"]["first_batch_s"] for c in cold_runs]),
-            "sd_reader_read_block_s": summarize([c["sd"]["timers"].get(rd_key, {"seconds": 0})["seconds"] for c in cold_runs]),
-            "sd_reader_crc_s": summarize([c["sd"]["timers"].get("reader: crc32c", {"seconds": 0})["seconds"] for c in cold_runs]),
+            "sd_reader_read_block_s": summarize([c["sd"]["timers"].get(READ_KEY, {"seconds": 0})["seconds"] for c in cold_runs]),
+            "sd_reader_crc_s": summarize([c["sd"]["timers"].get(CHECK_KEY, {"seconds": 0})["seconds"] for c in cold_runs]),
             "sd_reader_block_order_s": summarize([c["sd"]["timers"].get(ORDER_KEY, {"seconds": 0})["seconds"]
                                                    for c in cold_runs]),
             "sd_consumer_waits_s": summarize([c["sd"]["timers"].get(WAIT_KEY, {"seconds": 0})["seconds"]
@@ -788,7 +780,6 @@ def print_report(res: dict[str, Any], block_bytes: int) -> None:
             lines.append(["baseline", k, fmt(s)])
         for k, s in S["timers"].items():
             lines.append(["ShardedDataset", f"{k} [{S['calls'].get(k)} calls]", fmt(s)])
-        lines.append(["ShardedDataset", "reader: read only (read_block - crc32c)", fmt(S["reader: read only (read_block - crc32c)"])])
         lines.append(["ShardedDataset", "consumer: next() total (DataLoader + _assemble)", fmt(S["consumer: next() total (DataLoader + _assemble)"])])
         lines.append(["ShardedDataset", "consumer: Python overhead (next() - gathers - cat - waits)",
                       fmt(S["consumer: Python overhead per epoch (next() - gathers - cat - queue waits)"])])
@@ -820,7 +811,8 @@ def print_report(res: dict[str, Any], block_bytes: int) -> None:
                    f"warm buffered read {C['warm_buffered_read_gb_per_s_at_setup']:.2f} GB/s"),
         )
         print_table(["cold ShardedDataset reader thread", "s median [min-max]"],
-                    [["read_block (read + crc32c)", fmt(C["sd_reader_read_block_s"])], ["  of which crc32c", fmt(C["sd_reader_crc_s"])],
+                    [["read_block (I/O thread)", fmt(C["sd_reader_read_block_s"])],
+                     ["check_block (crc32c, row-order thread)", fmt(C["sd_reader_crc_s"])],
                      ["block_order (row order)", fmt(C["sd_reader_block_order_s"])],
                      ["consumer waits for blocks", fmt(C["sd_consumer_waits_s"])]], title="Cold epoch: reader-thread timers")
     N = res["naive"]
