@@ -193,7 +193,7 @@ class Timers:
 WAIT_KEY = "consumer: waits for the next block (next() on the block reader)"
 ORDER_KEY = "reader: block_order (row order inside the block)"
 READ_KEY = "reader: read_block (I/O thread; the reader leaves the crc32c to check_block)"
-CHECK_KEY = "reader: check_block (crc32c, on the row-order thread)"
+CHECK_KEY = "reader: check_block (crc32c, on a thread of its own)"
 
 
 @contextlib.contextmanager
@@ -812,7 +812,7 @@ def print_report(res: dict[str, Any], block_bytes: int) -> None:
         )
         print_table(["cold ShardedDataset reader thread", "s median [min-max]"],
                     [["read_block (I/O thread)", fmt(C["sd_reader_read_block_s"])],
-                     ["check_block (crc32c, row-order thread)", fmt(C["sd_reader_crc_s"])],
+                     ["check_block (crc32c, its own thread)", fmt(C["sd_reader_crc_s"])],
                      ["block_order (row order)", fmt(C["sd_reader_block_order_s"])],
                      ["consumer waits for blocks", fmt(C["sd_consumer_waits_s"])]], title="Cold epoch: reader-thread timers")
     N = res["naive"]
