@@ -405,9 +405,10 @@ class ShardedDataset(IterableDataset):
     def _assemble(self, reader: "_BlockReader", token: object) -> Iterator[Batch]:
         """Cut the stream of gathered chunks into batches.
 
-        A batch never aliases a reused block buffer: chunks are fresh tensors
-        (:func:`_gathered`) and batches view them.  A batch that spans two pieces
-        is concatenated from its two parts.
+        A batch never aliases a reused block buffer: batches view the gathered
+        chunks, whose arrays are reused only once no batch views them
+        (:class:`_ChunkArrays`).  A batch that spans two pieces is concatenated
+        from its two parts.
         """
         bs, have = self.batch_size, 0
         carry: list[list[torch.Tensor]] = []
@@ -797,7 +798,8 @@ def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _gathered(reader: "_BlockReader", fields: list[str], batch_size: int, chunk: int) -> Iterator[list[torch.Tensor]]:
     """The rows of the reader's pieces, gathered ``chunk`` rows (a multiple of the batch
-    size) at a time (one gather per field amortizes the call) into fresh tensors.
+    size) at a time (one gather per field amortizes the call) into tensors over
+    arrays that no earlier batch still views (:class:`_ChunkArrays`).
 
     Chunks are cut on batch boundaries of the whole stream: after a piece that ends
     mid-batch, the next chunk holds just the rows that complete the batch.
