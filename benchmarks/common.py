@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime as _dt
 import json
 import math
-import mmap
 import os
 import platform
 import shutil
@@ -548,55 +546,13 @@ def baseline_rss(repeats: int = 3) -> dict[str, Any]:
 
 # -- page cache --------------------------------------------------------------------------------
 
-_libc = None
-
-
-def _get_libc():
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.mmap.restype = ctypes.c_void_p
-        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        lib.munmap.restype = ctypes.c_int
-        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        lib.mincore.restype = ctypes.c_int
-        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-        _libc = lib
-    return _libc
-
-
-def resident_bytes_of(path: str | os.PathLike) -> tuple[int, int]:
-    """(bytes of ``path`` in the page cache, file size), via mmap + mincore(2)."""
-    size = os.path.getsize(path)
-    if size == 0:
-        return 0, 0
-    lib = _get_libc()
-    page = mmap.PAGESIZE
-    pages = (size + page - 1) // page
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = lib.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr is None or addr == ctypes.c_void_p(-1).value:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap failed: {os.strerror(err)}")
-        try:
-            vec = (ctypes.c_ubyte * pages)()
-            if lib.mincore(addr, size, vec) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mincore failed: {os.strerror(err)}")
-            resident = sum(1 for v in bytes(vec) if v & 1)
-        finally:
-            lib.munmap(addr, size)
-    finally:
-        os.close(fd)
-    return min(resident * page, size), size
-
-
 def resident_bytes(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
     """Page-cache residency of a set of files: bytes cached, total, and the fraction."""
+    from shardset import page_cache
+
     res = tot = 0
     for p in paths:
-        r, s = resident_bytes_of(p)
+        r, s = page_cache.resident_bytes(p)
         res += r
         tot += s
     return {"resident_bytes": res, "total_bytes": tot, "fraction": (res / tot) if tot else 0.0}

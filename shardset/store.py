@@ -61,6 +61,7 @@ from .errors import (
 )
 from .format import ATTRS_KEY, SLICE_TABLE, FieldSpec, Layout, ranges_to_blocks, slice_rows_for
 from .memory import DIRECT_ALIGN, aligned_buffer, direct_nbytes, is_aligned
+from .page_cache import cached_pages
 from .urls import open_store, parse_url, remote_errors, store_exists
 
 __all__ = ["BlockStore", "COMPRESSIONS", "compressors_for"]
@@ -940,19 +941,15 @@ def _direct_steps(fd: int, offset: int, nbytes: int, into: np.ndarray | None = N
 
 
 def _page_cached(fd: int, size: int, start: int = 0) -> bool:
-    """Whether the first, middle and last byte of the ``size`` bytes at ``start`` of
-    the file on ``fd`` are in the page cache, probed with ``RWF_NOWAIT`` reads (which
-    fail rather than wait for the disk).  True where the probe is not supported, so
-    the caller keeps its ordinary read."""
-    probe = bytearray(1)
-    for offset in sorted({start, start + size // 2, start + max(0, size - 1)}):
-        try:
-            os.preadv(fd, [probe], offset, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return False
-        except (OSError, AttributeError):  # no RWF_NOWAIT on this file system or platform
-            return True
-    return True
+    """Whether most (9 in 10) of the pages of the ``size`` bytes at ``start`` of the
+    file on ``fd`` are in the page cache (:mod:`shardset.page_cache`, which caches
+    nothing itself).  True where that cannot be known, so the caller keeps its
+    ordinary read."""
+    try:
+        resident, total = cached_pages(fd, start, size)
+    except (OSError, AttributeError):  # no mmap or mincore here
+        return True
+    return resident * 10 >= total * 9
 
 
 def fadvise(path: Path, advice: str, nbytes: int | None = None) -> None:

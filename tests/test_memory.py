@@ -6,9 +6,10 @@ import re
 import numpy as np
 import pytest
 
-from benchmarks.common import evict_verified, resident_bytes_of
+from benchmarks.common import evict_verified
 from shardset import BlockStore, CorruptBlockError, FieldSpec, Layout
 from shardset.memory import DIRECT_ALIGN, HUGE_PAGE_BYTES, aligned_buffer, direct_nbytes, is_aligned
+from shardset.page_cache import resident_bytes
 from shardset.store import _page_cached
 
 
@@ -135,10 +136,25 @@ def test_a_cold_direct_read_bypasses_the_page_cache(tmp_path):
     finally:
         os.close(fd)
     assert np.array_equal(bs.read_block("v", 0, _direct_buffer(bs), direct=True), data[: 1 << 21])
-    # Only what the kernel reads ahead after the cache probes (tens of KiB), not the chunk.
-    assert resident_bytes_of(path)[0] < (1 << 20)
+    assert resident_bytes(path)[0] == 0
     bs.read_block("v", 0, _direct_buffer(bs))
-    assert resident_bytes_of(path)[0] == os.path.getsize(path)  # the ordinary read fills the cache
+    assert resident_bytes(path)[0] == os.path.getsize(path)  # the ordinary read fills the cache
+
+
+def test_cold_direct_reads_stay_direct_epoch_after_epoch(tmp_path):
+    """Asking whether a chunk is cached caches none of it: a missed ``RWF_NOWAIT`` probe
+    starts readahead, and three such probes found a cold chunk "cached" by the fourth
+    read, which then went through the page cache."""
+    bs, data = _store(tmp_path, block_rows=1 << 21, rows=(1 << 21) + 5)
+    path = bs.chunk_path("v", 0)
+    if not _supports_direct(path) or not hasattr(os, "posix_fadvise"):
+        pytest.skip("this file system has no O_DIRECT")
+    if evict_verified([path])["resident_bytes_after"]:
+        pytest.skip("the kernel kept the file cached")
+    for _ in range(6):
+        assert np.array_equal(bs.read_block("v", 0, _direct_buffer(bs), direct=True), data[: 1 << 21])
+        assert bs.read_rows("v", 5, 1 << 20, direct=True)[0] == data[5]
+    assert resident_bytes(path)[0] == 0
 
 
 def test_unaligned_or_small_buffers_fall_back_to_the_ordinary_read(tmp_path):

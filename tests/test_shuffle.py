@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 import shardset
-from benchmarks.common import resident_bytes_of
 from shardset import BlockStore
 from shardset.bench import evict
 from shardset.cli import main
 from shardset.errors import ArgumentError, CorruptBlockError, IncompleteStoreError, ShardsetError, StoreFormatError
 from shardset.format import ATTRS_KEY
+from shardset.page_cache import resident_bytes
 from shardset.quality import within_block_correlation
 from shardset.shuffle import (
     SHUFFLE_NAME,
@@ -249,16 +249,16 @@ def test_the_gather_has_the_next_bucket_read_ahead_and_still_checks_it(tmp_path)
     assert gather.ready()
     files = sorted(root.glob("[0-9]*.0"))
     evict(files)
-    if any(resident_bytes_of(f)[0] for f in files):
+    if any(resident_bytes(f)[0] for f in files):
         pytest.skip("this file system keeps files in memory: nothing to read ahead")
     stored = BlockStore.open(ref.where)
     for b in (0, 1):  # blocks 0 and 1 in turn: the next, block 2, is read ahead
         assert np.array_equal(gather(b)["y"], stored.read_block("y", b))
     deadline = time.monotonic() + 10
-    while resident_bytes_of(root / "2.0")[0] < (root / "2.0").stat().st_size and time.monotonic() < deadline:
+    while resident_bytes(root / "2.0")[0] < (root / "2.0").stat().st_size and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert resident_bytes_of(root / "2.0")[0] == (root / "2.0").stat().st_size
-    assert resident_bytes_of(root / "4.0")[0] == 0
+    assert resident_bytes(root / "2.0")[0] == (root / "2.0").stat().st_size
+    assert resident_bytes(root / "4.0")[0] == 0
     (root / "2.0").write_bytes((root / "2.0").read_bytes()[:-4])  # torn after it was read ahead
     with pytest.raises(StoreFormatError, match="not what the scatter wrote"):
         gather(2)

@@ -9,10 +9,10 @@ import pytest
 import zarr
 
 import shardset
-from benchmarks.common import resident_bytes_of
 from shardset import BlockStore, CorruptBlockError, FieldSpec, Layout, StoreFormatError
 from shardset.bench import evict
 from shardset.format import SLICES_PER_BLOCK, blocks_to_ranges, block_rows_for, ranges_to_blocks
+from shardset.page_cache import resident_bytes
 
 
 def _fields(d=16):
@@ -217,13 +217,13 @@ def test_will_need_has_the_whole_chunk_read_not_one_readahead_window(tmp_path):
                            progress=False)
     path = store.chunk_path("x", 0)
     evict([path])
-    if resident_bytes_of(path)[0]:
+    if resident_bytes(path)[0]:
         pytest.skip("this file system keeps files in memory: nothing to read ahead")
     store.will_need("x", 0)
     deadline = time.monotonic() + 20
-    while resident_bytes_of(path)[0] < path.stat().st_size and time.monotonic() < deadline:
+    while resident_bytes(path)[0] < path.stat().st_size and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert resident_bytes_of(path)[0] == path.stat().st_size
+    assert resident_bytes(path)[0] == path.stat().st_size
 
 
 @pytest.mark.parametrize("change,match", [
