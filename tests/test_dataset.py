@@ -386,6 +386,63 @@ def test_main_process_passes_advance_epochs(id_store):
     assert len({tuple(stream_ids(r).tolist()) for r in ref}) == 3
 
 
+# -- reading on into the next epoch --------------------------------------------------------
+
+READ_ON = {"blocks": dict(), "window": dict(window_blocks=3),
+           "slices": dict(window_blocks=2, slice_mb=40 * 20 / 2**20, direct=True)}  # 40-row units of 20-byte rows
+
+
+@pytest.mark.parametrize("kw", READ_ON.values(), ids=READ_ON.keys())
+def test_a_complete_pass_reads_on_into_the_next_epoch(id_store, kw):
+    """The slots that a window's last stages free take the next epoch's first units."""
+    path = id_store(N, 120)
+    ref = reference_epochs(path, 3, seed=4, **kw)
+    ds = ShardedDataset(path, BS, seed=4, **kw)
+    got = [list(ds)]
+    following = ds._ahead[1]
+    assert following.plan == ds.plan(1) and following.loads  # its loads are started
+    got += [list(ds), list(ds)]
+    for e in range(3):
+        assert same_batches(got[e], ref[e]), e
+
+
+def test_a_pass_read_on_for_another_epoch_is_dropped(id_store):
+    path = id_store(N, 97)
+    ref = reference_epochs(path, 6, seed=4, window_blocks=2)
+    ds = ShardedDataset(path, BS, seed=4, window_blocks=2)
+    assert same_batches(list(ds), ref[0])
+    following = ds._ahead[1]
+    ds.set_epoch(5)
+    assert same_batches(list(ds), ref[5])
+    assert following.cpu._shutdown  # its threads were stopped before the buffers were used again
+    ds.set_epoch(0)
+    it = iter(ds)
+    assert same_batches([next(it) for _ in range(4)], ref[0][:4])
+    it.close()  # a pass left early reads nothing on
+    assert ds._ahead is None
+    assert same_batches(list(ds), ref[0])
+
+
+def test_the_pass_read_on_stops_with_its_dataset(id_store):
+    ds = ShardedDataset(id_store(N, 97), BS, seed=4, window_blocks=2)
+    list(ds)
+    assert any(t.name.startswith("shardset-") for t in threading.enumerate())
+    del ds
+    gc.collect()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("shardset-")]
+
+
+def test_workers_forked_after_a_pass_in_the_main_process(id_store):
+    """Forked workers inherit the main process's pass read on without its threads: they
+    read their own, and the main process's next pass still gets its epoch right."""
+    path = id_store(N, 97)
+    ref = reference_epochs(path, 3, seed=4, window_blocks=2)
+    ds = ShardedDataset(path, BS, seed=4, window_blocks=2)
+    assert same_batches(list(ds), ref[0])
+    assert sorted(map(batch_key, load(ds, 2))) == sorted(map(batch_key, ref[1]))
+    assert same_batches(list(ds), ref[2])
+
+
 def test_an_abandoned_pass_does_not_advance_the_epoch(id_store):
     path = id_store(N, 97)
     ds = ShardedDataset(path, BS, seed=8)
