@@ -27,19 +27,20 @@ with slices of ``1/k`` of a block (``slice_mb``, :mod:`shardset.dataset`).
    d = 16, 1 KiB at d = 256).  Each round evicts
    the chunk files from the page cache (checked with ``mincore``) before every
    run, reads them sequentially with ``O_DIRECT``, one read a file (the disk's
-   sequential bandwidth) and streams one epoch with each configuration
+   sequential bandwidth) and times one epoch with each configuration
    (``direct=True``: uncached blocks and slices are read with ``O_DIRECT``), in
    a rotated order; ratios are taken within the round.  Each configuration is
    one ``ShardedDataset`` for the whole run, as in training: its first epoch,
    which also faults its buffers in (about a GiB for a window of 8 blocks, and
    the first touch of fresh memory is slow on this VM), runs before the rounds
    and is reported apart; the baseline's buffer is faulted in before its clock
-   starts too.  Each epoch gives two rates: over the whole epoch, and over the
-   middle half of its rows.  A window of W units fills at the start of an epoch
-   (W units read before stage W - 1 delivers its rows) and drains at its end with
-   the disk idle; on the 4 GiB store a 7-block window is a fifth of the epoch,
-   on a terabyte it would be a thousandth, so the middle half is the rate a large
-   store streams at.
+   starts too.  A timed epoch is the second of two run back to back, clocked
+   from the end of the first (``common.epoch_rates``): a window of W units
+   drains at the end of an epoch, and the reader reads the next epoch's first
+   units meanwhile, so an epoch's time is what a training loop sees between the
+   ends of two epochs.  Each epoch gives two rates: over the whole epoch, and
+   over the middle half of its rows, the rate a store far larger than the window
+   streams at.
 
 Results: ``benchmarks/results/<name>.json`` and ``benchmarks/plots/<name>.png``.
 """
@@ -139,7 +140,8 @@ def throughput(args, root: Path) -> dict[str, Any]:
     first = {}  # the first epoch also faults in each reader's buffers, kept for the next epochs
     for name in names:
         evictions.append(common.evict_verified(chunks))
-        first[name] = epoch_rates(readers[name], row_bytes)[0] / GB
+        started = time.perf_counter()
+        first[name] = sum(len(batch[0]) for batch in readers[name]) * row_bytes / (time.perf_counter() - started) / GB
     print("first epochs: " + ", ".join(f"{k} {v:.3f}" for k, v in first.items()) + " GB/s", flush=True)
     for r in range(args.repeats):
         evictions.append(common.evict_verified(chunks))
