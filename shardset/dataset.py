@@ -741,8 +741,8 @@ class _BlockReader:
         """Read on into the pass ``then()`` gives (its plan and pieces; ``None``: none)
         once this pass has started its last load, in the slots it frees from then on.
 
-        The last ``W - 1`` stages of a window need no reads (a fifth of a 4 GiB epoch
-        of 1/24-block slices in a 7-block window: 0.12 s of 1.3); the next epoch's
+        The last ``W - 1`` stages of a window need no reads (0.12 s of a 1.3 s epoch
+        of a 4 GiB store in 1/24-block slices with a 7-block window); the next epoch's
         first units are read meanwhile, so epochs run back to back keep the disk busy.
         Take the pass that reads on with :meth:`hand_over`.
         """
