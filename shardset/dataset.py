@@ -33,6 +33,7 @@ import itertools
 import math
 import multiprocessing as mp
 import os
+import threading
 import warnings
 import weakref
 from collections import deque
@@ -425,7 +426,7 @@ class ShardedDataset(IterableDataset):
             if following is None:
                 reader.close()
             else:
-                self._ahead = (os.getpid(), following, weakref.finalize(self, following.close))
+                self._ahead = (os.getpid(), following, weakref.finalize(self, _close_aside, following))
             self._buffers = reader.buffers
         self._finish_epoch(plan.epoch, num_workers, token)
 
@@ -869,6 +870,12 @@ class _ReadThreads:
         for pool in (self.checks, self.cpu):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _close_aside(reader: "_BlockReader") -> None:
+    """Close ``reader`` on a thread of its own: a finalizer runs wherever a garbage
+    collection happens, which may be one of the threads ``close`` waits for."""
+    threading.Thread(target=reader.close, name="shardset-close", daemon=True).start()
 
 
 def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

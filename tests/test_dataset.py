@@ -12,6 +12,7 @@ import gc
 import itertools
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -429,7 +430,7 @@ def test_the_pass_read_on_stops_with_its_dataset(id_store):
     assert any(t.name.startswith("shardset-") for t in threading.enumerate())
     del ds
     gc.collect()
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("shardset-")]
+    assert not shardset_threads()
 
 
 def test_workers_forked_after_a_pass_in_the_main_process(id_store):
@@ -609,6 +610,16 @@ def test_worker_batches_are_packed_into_one_shared_storage():
     assert packed[1].data_ptr() % 16 == 0
 
 
+def shardset_threads(wait: float = 10) -> list[str]:
+    """Names of the reader threads still alive once none is left or ``wait`` seconds
+    have passed (a dataset's finalizer stops its threads on a thread of its own)."""
+    deadline = time.monotonic() + wait
+    while (names := [t.name for t in threading.enumerate() if t.name.startswith("shardset-")]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
+    return names
+
+
 def test_an_abandoned_iterator_stops_its_threads(id_store):
     path = id_store(N, 97)
     ref = list(ShardedDataset(path, BS, seed=3, window_blocks=2))
@@ -617,7 +628,7 @@ def test_an_abandoned_iterator_stops_its_threads(id_store):
     head = [next(it) for _ in range(5)]
     assert any(t.name.startswith("shardset-") for t in threading.enumerate())
     it.close()  # as a training loop's break does, once the iterator is dropped
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("shardset-")]
+    assert not shardset_threads()
     assert same_batches(head, ref[:5])
     ds.set_epoch(0)  # the buffers are free again: the next pass gives the whole epoch
     assert same_batches(list(ds), ref)
