@@ -117,9 +117,9 @@ def quality(args, root: Path) -> dict[str, Any]:
 # -- 2. cold throughput -------------------------------------------------------------------------
 
 
-def epoch_rates(ds: ShardedDataset, row_bytes: int) -> tuple[float, float]:
+def epoch_rates(ds: ShardedDataset, row_bytes: int, quick: bool) -> tuple[float, float]:
     """Bytes per second of the next epoch of ``ds``: whole, and steady (the middle half of its rows)."""
-    whole, steady = common.epoch_rates(ds)
+    whole, steady = common.epoch_rates(ds, settle=common.SETTLE_S / 10 if quick else None)
     return whole * row_bytes, steady * row_bytes
 
 
@@ -148,7 +148,7 @@ def throughput(args, root: Path) -> dict[str, Any]:
         rates["O_DIRECT sequential"].append(direct_read(chunks, piece=whole)["gb_per_s"] * GB)
         for name in names[r % len(names):] + names[: r % len(names)]:
             evictions.append(common.evict_verified(chunks))
-            rate, mid = epoch_rates(readers[name], row_bytes)
+            rate, mid = epoch_rates(readers[name], row_bytes, args.quick)
             rates[name].append(rate)
             steady[name].append(mid)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1] / GB:.3f}" for k, v in rates.items()) + " GB/s", flush=True)
