@@ -119,7 +119,7 @@ def quality(args, root: Path) -> dict[str, Any]:
 
 def epoch_rates(ds: ShardedDataset, row_bytes: int, quick: bool) -> tuple[float, float]:
     """Bytes per second of the next epoch of ``ds``: whole, and steady (the middle half of its rows)."""
-    whole, steady = common.epoch_rates(ds, settle=common.SETTLE_S / 10 if quick else None)
+    whole, steady = common.epoch_rates(ds, quick=quick)
     return whole * row_bytes, steady * row_bytes
 
 

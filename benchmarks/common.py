@@ -638,10 +638,10 @@ def mixed_io_rate(read_paths: Sequence[str | os.PathLike], directory: str | os.P
             "gb_per_s": (r["bytes"] + w["bytes"]) / seconds / GB}
 
 
-def epoch_rows_per_s(ds: Iterable[Any], settle: float | None = None) -> float:
+def epoch_rows_per_s(ds: Iterable[Any], quick: bool = False) -> float:
     """Rows per second of an epoch of ``ds`` (an iterable of batches whose first tensor
     has a row per sample) run right after another (:func:`epoch_rates`)."""
-    return epoch_rates(ds, settle=settle)[0]
+    return epoch_rates(ds, quick=quick)[0]
 
 
 # Idle time after a timed epoch: reads that its pass started for the next epoch end
@@ -651,7 +651,7 @@ SETTLE_S = 1.0
 
 
 def epoch_rates(ds: Iterable[Any], middle: tuple[float, float] = (0.25, 0.75),
-                settle: float | None = None) -> tuple[float, float]:
+                quick: bool = False) -> tuple[float, float]:
     """Rows per second of an epoch of ``ds`` run right after another, as a training loop
     that keeps ``ds`` and runs epochs back to back sees it: over the whole epoch, and
     over the batches between fractions ``middle`` of its rows (the steady state of a
@@ -660,16 +660,16 @@ def epoch_rates(ds: Iterable[Any], middle: tuple[float, float] = (0.25, 0.75),
     A ``ShardedDataset`` pass that runs to its end reads on into the next epoch while
     its window drains, so an epoch clocked from its own start would get for free what
     was read before it.  One epoch therefore runs untimed first, the clock starts at
-    its end, and the timed epoch is followed by ``settle`` seconds of idle time
-    (default :data:`SETTLE_S`), so that what it read on for the epoch after ends
-    before the next measurement.
+    its end, and the timed epoch is followed by :data:`SETTLE_S` of idle time (a
+    tenth of it for a ``quick`` smoke run), so that what it read on for the epoch
+    after ends before the next measurement.
     """
     for _ in ds:
         pass
     marks = [(0, time.perf_counter())]
     for batch in ds:
         marks.append((marks[-1][0] + len(batch[0]), time.perf_counter()))
-    time.sleep(SETTLE_S if settle is None else settle)
+    time.sleep(SETTLE_S / 10 if quick else SETTLE_S)
     rows = marks[-1][0]
     inside = [m for m in marks if middle[0] * rows <= m[0] <= middle[1] * rows]
     (r0, t0), (r1, t1) = (inside[0], inside[-1]) if len(inside) > 1 else (marks[0], marks[-1])

@@ -202,7 +202,7 @@ def throughput(args, root: Path) -> dict[str, Any]:
     rates: dict[int, list[float]] = {1: [], 8: []}
     for r in range(args.repeats):
         for w in ((1, 8) if r % 2 == 0 else (8, 1)):
-            rates[w].append(common.epoch_rows_per_s(readers[w], settle=common.SETTLE_S / 10 if args.quick else None))
+            rates[w].append(common.epoch_rows_per_s(readers[w], args.quick))
         print(f"read round {r + 1}: W=1 {rates[1][-1] / 1e6:.2f} M rows/s, W=8 {rates[8][-1] / 1e6:.2f} M rows/s", flush=True)
     return {
         "rows": rows, "block_rows": block_rows, "blocks": -(-rows // block_rows), "batch_size": args.batch_size,
