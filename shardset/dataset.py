@@ -458,7 +458,7 @@ class ShardedDataset(IterableDataset):
                     have += pos
                     if have < bs:
                         continue
-                    yield self._emit([torch.cat(parts) for parts in zip(*carry)], token)
+                    yield self._emit([_joined(parts) for parts in zip(*carry)], token)
                     carry, have = [], 0
                 full = (n - pos) // bs * bs
                 # one split per field: slicing a tensor costs more than a microsecond a call
@@ -467,7 +467,7 @@ class ShardedDataset(IterableDataset):
                 if pos + full < n:  # only a piece's last chunk can leave a remainder
                     carry, have = [[g[pos + full :] for g in gathered]], n - pos - full
         if have:
-            yield self._emit([torch.cat(parts) for parts in zip(*carry)], token)
+            yield self._emit([_joined(parts) for parts in zip(*carry)], token)
 
     def _emit(self, tensors: list[torch.Tensor], token: object) -> Batch:
         if self._in_worker:
@@ -870,6 +870,21 @@ class _ReadThreads:
         for pool in (self.checks, self.cpu):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The rows of ``parts`` (CPU tensors over numpy arrays) in one tensor, joined by
+    numpy on the calling thread.
+
+    ``torch.cat`` of a batch of wide rows runs on torch's intra-op threads once the
+    process has started them (any torch call that asks for them does, even
+    ``torch.get_num_threads()``), and on two cores those competed with the reader's
+    threads at each of the stream's joins (about one a stage): after a
+    ``torch.get_num_threads()``, 1/24-block slices read at 0.70 of ``O_DIRECT``
+    instead of 0.90, and at 0.98 with this join (d = 256, one run each of
+    ``bench_slices``' throughput part, 3 rounds, 2026-11-28).
+    """
+    return torch.from_numpy(np.concatenate([p.numpy() for p in parts]))
 
 
 def _close_aside(reader: "_BlockReader") -> None:
