@@ -269,6 +269,10 @@ class ShardedDataset(IterableDataset):
         )
 
     def __len__(self) -> int:
+        """Batches of this rank's current epoch.  An epoch continued from one
+        consumer's state still counts whole, as ``DataLoader`` and torchdata count a
+        resumed epoch from its start; one continued from every consumer's states
+        (elastic) counts the rest that this rank is given."""
         return self.plan().num_batches
 
     def state_dict(self) -> dict[str, Any]:
