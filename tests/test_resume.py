@@ -269,6 +269,7 @@ def test_a_loaded_state_is_saved_again_as_it_was_until_continued(id_store):
     ds.load_state_dict(state)
     assert ds.state_dict() == state
 
+
 def test_len_counts_an_epoch_resumed_from_one_state_whole(id_store):
     """As DataLoader and torchdata count a resumed epoch's batches from its start
     (torchdata restores its ``_num_yielded``), ``len`` stays the whole epoch."""
