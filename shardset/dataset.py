@@ -397,7 +397,6 @@ class ShardedDataset(IterableDataset):
 
     def _batches(self, plan: EpochPlan, first: int, last: int, num_workers: int, token: object) -> Iterator[Batch]:
         store = self._open()
-        pieces = list(plan.pieces(first, last))
         # Taken while in use, so a second live iterator gets buffers of its own.
         buffers, self._buffers = self._buffers, None
         ahead, self._ahead = self._ahead, None
@@ -406,7 +405,7 @@ class ShardedDataset(IterableDataset):
             pid, following, finalizer = ahead
             finalizer.detach()
             if pid == os.getpid():  # one made before a fork has no threads in this process
-                if following.plan == plan and following.pieces == pieces:
+                if (following.plan, following.span) == (plan, (first, last)):
                     reader = following
                 else:
                     following.close()
@@ -416,7 +415,7 @@ class ShardedDataset(IterableDataset):
                                                   in_place):
                 buffers = None  # free the old ones first
                 buffers = _Buffers(store, self.fields, plan.window + self.prefetch, self.unit_rows, in_place)
-            reader = _BlockReader(store, plan, self.fields, pieces, self.prefetch, self.on_error, buffers,
+            reader = _BlockReader(store, plan, self.fields, (first, last), self.prefetch, self.on_error, buffers,
                                   self.unit_rows is not None, self.direct)
         reader.follow_with(functools.partial(self._following, plan, token))
         delivered = False
@@ -434,13 +433,13 @@ class ShardedDataset(IterableDataset):
             self._buffers = reader.buffers
         self._finish_epoch(plan.epoch, num_workers, token)
 
-    def _following(self, plan: EpochPlan, token: object) -> tuple[EpochPlan, list[Piece]] | None:
-        """The plan and pieces of this consumer's next pass, if pass ``token`` (of
+    def _following(self, plan: EpochPlan, token: object) -> tuple[EpochPlan, tuple[int, int]] | None:
+        """The plan and batch range of this consumer's next pass, if pass ``token`` (of
         ``plan``) is still the current one and the next is the next epoch from its start."""
         if self._pass is not token or plan.epoch + 1 >= 2**63:
             return None
         following = self._plan_for(plan.epoch + 1, plan.rank, plan.world_size, plan.batch_size, plan.drop_last, None)
-        return following, list(following.pieces(*following.worker_batches(*self._consumer)))
+        return following, following.worker_batches(*self._consumer)
 
     def _assemble(self, reader: "_BlockReader", token: object) -> Iterator[Batch]:
         """Cut the stream of gathered chunks into batches.
@@ -587,13 +586,14 @@ class _BlockReader:
     reader, on the same threads (:meth:`follow_with`, :meth:`hand_over`).
     """
 
-    def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], pieces, prefetch: int,
+    def __init__(self, store: BlockStore, plan: EpochPlan, fields: list[str], span: tuple[int, int], prefetch: int,
                  on_error: str, buffers: "_Buffers", slices: bool = False, direct: bool = False,
                  threads: "_ReadThreads | None" = None, slots: Sequence[int] | None = None) -> None:
         self.store, self.plan, self.fields, self.on_error, self.slices = store, plan, fields, on_error, slices
         self.prefetch, self.direct = prefetch, direct
         self.ordered = slices and not buffers.in_place  # slots hold their units in their row order
-        self.pieces: list[Piece] = list(pieces)
+        self.span = span  # the batches [first, last) of the plan that this pass delivers
+        self.pieces: list[Piece] = list(plan.pieces(*span))
         self.window = plan.window
         self.buffers, self.rings, self.slot_rows = buffers, buffers.rings, buffers.slot_rows
         self.free = list(range(buffers.slots))[::-1] if slots is None else list(slots)
@@ -601,7 +601,7 @@ class _BlockReader:
         self.io, self.cpu, self.checks = self.threads.io, self.threads.cpu, self.threads.checks
         # The pass that follows this one, once known (see follow_with): it gets the slots
         # this pass frees after its last load, and starts its own loads in them.
-        self.then: Callable[[], tuple[EpochPlan, list[Piece]] | None] | None = None
+        self.then: Callable[[], tuple[EpochPlan, tuple[int, int]] | None] | None = None
         self.successor: _BlockReader | None = None
         self.slot_of: dict[int, int] = {}  # visit index -> slot
         self.loads: dict[int, Future] = {}
@@ -742,8 +742,8 @@ class _BlockReader:
             return
         raise err
 
-    def follow_with(self, then: Callable[[], tuple[EpochPlan, list[Piece]] | None]) -> None:
-        """Read on into the pass ``then()`` gives (its plan and pieces; ``None``: none)
+    def follow_with(self, then: Callable[[], tuple[EpochPlan, tuple[int, int]] | None]) -> None:
+        """Read on into the pass ``then()`` gives (its plan and batch range; ``None``: none)
         once this pass has started its last load, in the slots it frees from then on.
 
         The last ``W - 1`` stages of a window need no reads (0.12 s of a 1.3 s epoch
@@ -768,8 +768,8 @@ class _BlockReader:
             following, self.then = self.then(), None
             if following is None:
                 return
-            plan, pieces = following
-            self.successor = _BlockReader(self.store, plan, self.fields, pieces, self.prefetch, self.on_error,
+            plan, span = following
+            self.successor = _BlockReader(self.store, plan, self.fields, span, self.prefetch, self.on_error,
                                           self.buffers, self.slices, self.direct, threads=self.threads, slots=())
         self.successor.free += self.free
         self.free.clear()
