@@ -1,13 +1,18 @@
 """Which pages of a file are in the page cache, asked without reading any of them.
 
 ``mmap`` of the range plus ``mincore(2)`` reports residency page by page and
-neither faults a page in nor starts readahead.  A one-byte ``RWF_NOWAIT`` read,
-the obvious probe, is not free of side effects: when it misses, the kernel
-still starts reading ahead from that byte, so every probe caches a few pages
-of the file (16-24 KiB measured here), and probes of the same three bytes
-found them all cached from the fourth epoch on: ``direct=True`` then read the
-whole store through the page cache (0.87 GB/s, 4.3 s of system time, against
-3.3 GB/s with ``O_DIRECT``, a 4 GiB store of 128 MiB blocks, 2026-11-28).
+neither faults a page in nor starts readahead.  Linux 6.5 and later count the
+same in one ``cachestat(2)`` call, which is asked first: ``mincore`` looks
+every page up (1.4 ms for an uncached 120 MiB chunk here, 2 ms cached), where
+``cachestat`` took 0.7 us uncached and 0.1 ms cached.
+
+A one-byte ``RWF_NOWAIT`` read, the obvious probe, is not free of side
+effects: when it misses, the kernel still starts reading ahead from that byte,
+so every probe caches a few pages of the file (16-24 KiB measured here), and
+probes of the same three bytes found them all cached from the fourth epoch on:
+``direct=True`` then read the whole store through the page cache (0.87 GB/s,
+4.3 s of system time, against 3.3 GB/s with ``O_DIRECT``, a 4 GiB store of
+128 MiB blocks, 2026-11-28).
 
 Example:
     >>> import os, tempfile
@@ -27,6 +32,8 @@ import ctypes
 import functools
 import mmap
 import os
+import platform
+import sys
 
 import numpy as np
 
@@ -42,7 +49,36 @@ def _libc() -> ctypes.CDLL:
     lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     lib.mincore.restype = ctypes.c_int
     lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.syscall.restype = ctypes.c_long
     return lib
+
+
+# cachestat(2) has the same number on every architecture but alpha (Linux 6.5+).
+_CACHESTAT = 451
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+_has_cachestat = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
+
+
+def _cachestat(fd: int, start: int, length: int) -> int | None:
+    """Pages of the range in the page cache, or None where ``cachestat`` is missing."""
+    global _has_cachestat
+    if not _has_cachestat:
+        return None
+    lib, out = _libc(), _Cachestat()
+    if lib.syscall(_CACHESTAT, fd, ctypes.byref(_Range(start, length)), ctypes.byref(out), 0) != 0:
+        _has_cachestat = False  # an older kernel (ENOSYS), or a seccomp filter: mincore from now on
+        return None
+    return out.nr_cache
 
 
 def cached_pages(fd: int, start: int, nbytes: int) -> tuple[int, int]:
@@ -56,13 +92,17 @@ def cached_pages(fd: int, start: int, nbytes: int) -> tuple[int, int]:
     if end <= first:
         return 0, 0
     length = end - first
+    pages = -(-length // page)
+    resident = _cachestat(fd, first, length)
+    if resident is not None:
+        return resident, pages
     lib = _libc()
     addr = lib.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, first)
     if addr is None or addr == ctypes.c_void_p(-1).value:
         err = ctypes.get_errno()
         raise OSError(err, f"mmap failed: {os.strerror(err)}")
     try:
-        vec = np.empty(-(-length // page), np.uint8)
+        vec = np.empty(pages, np.uint8)
         if lib.mincore(addr, length, vec.ctypes.data) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"mincore failed: {os.strerror(err)}")

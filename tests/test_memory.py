@@ -9,6 +9,7 @@ import pytest
 from benchmarks.common import evict_verified
 from shardset import BlockStore, CorruptBlockError, FieldSpec, Layout
 from shardset.memory import DIRECT_ALIGN, HUGE_PAGE_BYTES, aligned_buffer, direct_nbytes, is_aligned
+from shardset import page_cache
 from shardset.page_cache import resident_bytes
 from shardset.store import _page_cached
 
@@ -155,6 +156,25 @@ def test_cold_direct_reads_stay_direct_epoch_after_epoch(tmp_path):
         assert np.array_equal(bs.read_block("v", 0, _direct_buffer(bs), direct=True), data[: 1 << 21])
         assert bs.read_rows("v", 5, 1 << 20, direct=True)[0] == data[5]
     assert resident_bytes(path)[0] == 0
+
+
+def test_cachestat_and_mincore_count_the_same_pages(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    path.write_bytes(np.random.default_rng(0).bytes(3 << 20))
+    if evict_verified([path])["resident_bytes_after"]:
+        pytest.skip("the kernel kept the file cached")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if page_cache._cachestat(fd, 0, 4096) is None:
+            pytest.skip("no cachestat(2) here (Linux < 6.5)")
+        os.pread(fd, 100_000, 1 << 20)  # some pages in the middle (and what the kernel reads ahead)
+        ranges = [(0, 3 << 20), (0, 1 << 20), ((1 << 20) + 5, 200_000), ((3 << 20) - 10, 1 << 20), (7, 1)]
+        fast = [page_cache.cached_pages(fd, a, n) for a, n in ranges]
+        monkeypatch.setattr(page_cache, "_has_cachestat", False)
+        assert fast == [page_cache.cached_pages(fd, a, n) for a, n in ranges]
+        assert fast[0][0] > 0 and fast[1][0] == 0
+    finally:
+        os.close(fd)
 
 
 def test_unaligned_or_small_buffers_fall_back_to_the_ordinary_read(tmp_path):
