@@ -142,6 +142,7 @@ def throughput(args, root: Path) -> dict[str, Any]:
         evictions.append(common.evict_verified(chunks))
         started = time.perf_counter()
         first[name] = sum(len(batch[0]) for batch in readers[name]) * row_bytes / (time.perf_counter() - started) / GB
+        common.settle(args.quick)  # its reads for the next epoch end before the next measurement
     print("first epochs: " + ", ".join(f"{k} {v:.3f}" for k, v in first.items()) + " GB/s", flush=True)
     for r in range(args.repeats):
         evictions.append(common.evict_verified(chunks))

@@ -650,6 +650,12 @@ def epoch_rows_per_s(ds: Iterable[Any], quick: bool = False) -> float:
 SETTLE_S = 1.0
 
 
+def settle(quick: bool = False) -> None:
+    """Idle :data:`SETTLE_S` after an epoch (a tenth of it for a ``quick`` smoke run),
+    so that what its pass read on for the next epoch ends before the next measurement."""
+    time.sleep(SETTLE_S / 10 if quick else SETTLE_S)
+
+
 def epoch_rates(ds: Iterable[Any], middle: tuple[float, float] = (0.25, 0.75),
                 quick: bool = False) -> tuple[float, float]:
     """Rows per second of an epoch of ``ds`` run right after another, as a training loop
@@ -660,16 +666,14 @@ def epoch_rates(ds: Iterable[Any], middle: tuple[float, float] = (0.25, 0.75),
     A ``ShardedDataset`` pass that runs to its end reads on into the next epoch while
     its window drains, so an epoch clocked from its own start would get for free what
     was read before it.  One epoch therefore runs untimed first, the clock starts at
-    its end, and the timed epoch is followed by :data:`SETTLE_S` of idle time (a
-    tenth of it for a ``quick`` smoke run), so that what it read on for the epoch
-    after ends before the next measurement.
+    its end, and the timed epoch is followed by :func:`settle`.
     """
     for _ in ds:
         pass
     marks = [(0, time.perf_counter())]
     for batch in ds:
         marks.append((marks[-1][0] + len(batch[0]), time.perf_counter()))
-    time.sleep(SETTLE_S / 10 if quick else SETTLE_S)
+    settle(quick)
     rows = marks[-1][0]
     inside = [m for m in marks if middle[0] * rows <= m[0] <= middle[1] * rows]
     (r0, t0), (r1, t1) = (inside[0], inside[-1]) if len(inside) > 1 else (marks[0], marks[-1])
